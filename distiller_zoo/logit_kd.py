@@ -1,0 +1,46 @@
+"""The two logit-only methods: plain CE (``--distill ce``) and Hinton KD (``--distill kd``).
+
+KD's criterion is ``DistillKL`` in KD.py (RepDistiller's file); the base Distiller already
+computes ``gamma * CE + alpha * KL_T``, so KD adds no loss of its own. The protocol runs it with
+``-r 0.1 -a 0.9`` (RepDistiller's script).
+"""
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from distiller_zoo.base import Distiller
+
+
+class Vanilla(Distiller):
+    """``gamma * CE(student(x), y)`` only: the student from scratch, and the teacher trainer. No teacher."""
+
+    name = 'ce'
+    data_mode = 'plain'
+    needs_teacher = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
+        super().__init__(student, None, opt)
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, **extras: Any
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.student(image)
+        return logits, {'ce': self.gamma * self.criterion_cls(logits, target)}
+
+
+class KD(Distiller):
+    """Hinton KD: ``gamma * CE + alpha * T^2 KL(p_t || p_s)`` (T = ``--kd_T``, default 4)."""
+
+    name = 'kd'
+    default_weights = (0.1, 0.9, 0.0)   # RepDistiller's run_cifar_distill.sh
+
+    def forward_train(self, image: torch.Tensor, target: torch.Tensor, **extras: Any
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # features are not needed: plain forwards are cheaper
+        logit_s = self.student(image)
+        with torch.no_grad():
+            logit_t = self.teacher(image)
+        return logit_s, self.logit_losses(logit_s, logit_t, target)

@@ -1,0 +1,94 @@
+"""Method-agnostic training and evaluation loops.
+
+The training loop knows nothing about methods: it asks the Distiller for the logits and a dict of
+named, already-weighted losses, sums them, and logs each one.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from distiller_zoo.base import Distiller
+from helper.util import AverageMeter, accuracy
+
+# batch layout of the training loaders: (image, target[, index[, contrast_idx]])
+EXTRA_NAMES = ('index', 'contrast_idx')
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool | None):
+    # enabled=None lets tqdm decide (a bar on a terminal, nothing in a log file)
+    return tqdm(iterable, total=total, desc=desc, disable=(not enabled) if enabled is not None else None,
+                leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.optim.Optimizer, *,
+                    epoch: int, device: torch.device, print_freq: int = 100,
+                    progress: bool | None = None) -> dict[str, float]:
+    """One epoch over ``loader``. Returns train_loss, train_acc, train_acc_top5 and each named loss.
+
+    Each batch is ``(image, target[, index[, contrast_idx]])``; index/contrast_idx and the epoch
+    are passed to ``forward_train`` as keyword arguments.
+    """
+    distiller.train()
+    meters: dict[str, AverageMeter] = {}
+    top1, top5, total = AverageMeter(), AverageMeter(), AverageMeter()
+    batch_time = AverageMeter()
+    n_batches = len(loader)
+    bar = _progress(loader, n_batches, f'epoch {epoch}', progress)
+    end = time.time()
+    for idx, batch in enumerate(bar):
+        image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        extras = {name: t.to(device, non_blocking=True) for name, t in zip(EXTRA_NAMES, batch[2:])}
+        logits, losses = distiller.forward_train(image, target, epoch=epoch, **extras)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, iteration {idx} "
+                                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        n = image.shape[0]
+        acc1, acc5 = accuracy(logits.detach(), target, topk=(1, 5))
+        top1.update(acc1, n)
+        top5.update(acc5, n)
+        total.update(loss.item(), n)
+        for name, value in losses.items():
+            meters.setdefault(name, AverageMeter()).update(value.item(), n)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if bar.disable:
+            if print_freq and (idx % print_freq == 0 or idx == n_batches - 1):
+                print(f'Epoch: [{epoch}][{idx}/{n_batches}]\tTime {batch_time.avg:.3f}\t'
+                      f'Loss {total.avg:.4f}\tAcc@1 {top1.avg:.3f}\tAcc@5 {top5.avg:.3f}', flush=True)
+        else:
+            bar.set_postfix(loss=f'{total.avg:.3f}', acc=f'{top1.avg:.2f}')
+    bar.close()
+    stats = {'train_loss': total.avg, 'train_acc': top1.avg, 'train_acc_top5': top5.avg}
+    stats.update({f'loss_{name}': m.avg for name, m in meters.items()})
+    return stats
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader: Iterable, device: torch.device, *,
+             progress: bool | None = None, desc: str = 'test') -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean CE of ``model`` (plain forward, eval mode) on ``loader``."""
+    was_training = model.training
+    model.eval()
+    top1, top5, losses = AverageMeter(), AverageMeter(), AverageMeter()
+    for batch in _progress(loader, len(loader), desc, progress):
+        image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        logits = model(image)
+        n = image.shape[0]
+        acc1, acc5 = accuracy(logits, target, topk=(1, 5))
+        top1.update(acc1, n)
+        top5.update(acc5, n)
+        losses.update(F.cross_entropy(logits, target).item(), n)
+    model.train(was_training)
+    return {'acc': top1.avg, 'acc_top5': top5.avg, 'loss': losses.avg}

@@ -1,0 +1,108 @@
+"""Command-line flags shared by train_teacher.py and train_student.py (RepDistiller's, plus ours)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from dataset import DATASETS
+from helper.errors import UserError
+from helper.util import default_learning_rate, parse_milestones, seed_from_trial
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Optimisation, data, output and reproducibility flags used by both CLIs."""
+    g = parser.add_argument_group('training (RepDistiller defaults)')
+    g.add_argument('--print_freq', type=int, default=100, help='log line every N iterations (when no progress bar)')
+    g.add_argument('--tb_freq', type=int, default=500, help='kept for RepDistiller compatibility; unused')
+    g.add_argument('--save_freq', type=int, default=40, help='write ckpt_epoch_<E>.pth every N epochs (and at the end)')
+    g.add_argument('--batch_size', type=int, default=64)
+    g.add_argument('--num_workers', type=int, default=8)
+    g.add_argument('--epochs', type=int, default=240)
+    g.add_argument('--learning_rate', type=float, default=None,
+                   help='initial lr; default 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2 (an explicit value is honoured)')
+    g.add_argument('--lr_decay_epochs', type=str, default='150,180,210', help='epochs after which lr is multiplied by the rate')
+    g.add_argument('--lr_decay_rate', type=float, default=0.1)
+    g.add_argument('--weight_decay', type=float, default=5e-4)
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--nesterov', action='store_true', help='Nesterov momentum (the letKD/QUEST protocol)')
+
+    g = parser.add_argument_group('data')
+    g.add_argument('--dataset', type=str, default='cifar100', choices=DATASETS)
+    g.add_argument('--data_folder', type=str, default='./data',
+                   help='CIFAR-100: folder holding cifar-100-python/; Tiny-ImageNet: holding tiny-imagenet-200/; '
+                        'ImageNet: holding imagenet/{train,val}')
+    g.add_argument('--no_download', dest='download', action='store_false',
+                   help='never download CIFAR-100; fail if it is missing from --data_folder')
+    g.add_argument('--pad_mode', type=str, default='zero', choices=('zero', 'reflect'),
+                   help='padding of the random crop: zero (RepDistiller) or reflect (letKD/QUEST code)')
+
+    g = parser.add_argument_group('run')
+    g.add_argument('--save_dir', type=str, default='./save', help='root of all run folders')
+    g.add_argument('--seed', type=int, default=None, help='seed of everything; default: derived from --trial')
+    g.add_argument('--deterministic', action='store_true', help='deterministic kernels (slower on GPU)')
+    g.add_argument('--resume', action='store_true', help='continue the run in its folder from last.pth')
+    g.add_argument('--overwrite', action='store_true', help='delete an existing run folder of the same name first')
+    g.add_argument('--device', type=str, default='auto', choices=('auto', 'cpu', 'cuda'))
+    g.add_argument('--trust_checkpoint', action='store_true',
+                   help='allow checkpoints that need arbitrary pickled objects (only for files you trust)')
+    g.add_argument('--name_sep', type=str, default='~' if os.name == 'nt' else ':', choices=(':', '~'),
+                   help="separator in student folder names (RepDistiller's ':'; '~' is Windows-safe)")
+
+
+def finalize_common(opt: argparse.Namespace, model_name: str) -> None:
+    """Resolve defaults that depend on other flags and reject bad combinations (UserError)."""
+    if opt.learning_rate is None:
+        opt.learning_rate = default_learning_rate(model_name)
+    opt.lr_decay_epochs = parse_milestones(opt.lr_decay_epochs) if isinstance(opt.lr_decay_epochs, str) \
+        else list(opt.lr_decay_epochs)
+    opt.trial = str(opt.trial)
+    if opt.seed is None:
+        opt.seed = seed_from_trial(opt.trial)
+    for flag in ('epochs', 'batch_size', 'save_freq'):
+        if getattr(opt, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
+    if opt.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0, got {opt.num_workers}")
+
+
+def teacher_folder_name(opt: argparse.Namespace) -> str:
+    """RepDistiller's teacher folder: <model>_<dataset>_lr_<lr>_decay_<wd>_trial_<trial>."""
+    return f'{opt.model}_{opt.dataset}_lr_{opt.learning_rate}_decay_{opt.weight_decay}_trial_{opt.trial}'
+
+
+def student_folder_name(opt: argparse.Namespace) -> str:
+    """RepDistiller's student folder: S:<s>_T:<t>_<dataset>_<distill>_r:<r>_a:<a>_b:<b>_<trial>."""
+    s = opt.name_sep
+    return (f'S{s}{opt.model_s}_T{s}{opt.model_t}_{opt.dataset}_{opt.distill}_'
+            f'r{s}{float(opt.gamma)}_a{s}{float(opt.alpha)}_b{s}{float(opt.beta)}_{opt.trial}')
+
+
+def teacher_name_from_path(path: str) -> str | None:
+    """The architecture encoded in a teacher checkpoint's folder name, as RepDistiller/SimKD parse it.
+
+    ``.../resnet32x4_vanilla/ckpt_epoch_240.pth`` -> resnet32x4; ``.../wrn_40_2_cifar100_lr_.../x.pth``
+    -> wrn_40_2; a distilled student folder ``S:resnet8x4_T:resnet32x4_...`` -> resnet8x4.
+    """
+    folder = Path(path).parent.name
+    for sep in (':', '~'):
+        if folder.startswith(f'S{sep}') and f'_T{sep}' in folder:
+            return folder[2:folder.index(f'_T{sep}')]
+    tokens = folder.split('_')
+    if not tokens[0]:
+        return None
+    return '_'.join(tokens[:3]) if tokens[0] == 'wrn' else tokens[0]
+
+
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], Any],
+            argv: list[str] | None = None) -> int:
+    """Parse, run ``main``; a UserError becomes one line on stderr and exit code 2."""
+    opt = parser.parse_args(argv)
+    try:
+        main(opt)
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0

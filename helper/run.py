@@ -1,0 +1,163 @@
+"""One training run: its folder, the epoch loop, logging, checkpoints and exact resume.
+
+Both CLIs end in ``fit``. The output contract (docs/design.md) lives here and only here:
+``args.json``, ``metrics.jsonl`` (one object per epoch), tensorboard events, ``ckpt_epoch_<E>.pth``,
+``<model>_best.pth``, ``last.pth`` (everything needed to resume) and ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from dataset import set_epoch
+from distiller_zoo.base import Distiller
+from helper.errors import UserError
+from helper.loops import train_one_epoch, validate
+from helper.util import (count_params, device_name, git_sha, load_checkpoint, lr_at_epoch, rng_state,
+                         save_checkpoint, save_json, set_lr, set_rng_state)
+
+LAST = 'last.pth'
+METRICS = 'metrics.jsonl'
+
+
+def check_run_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start before anything is written: a missing run to resume, or an existing one to clobber."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    if resume:
+        if not (path / LAST).is_file():
+            raise UserError(f"--resume: no run to resume in {path} (no {LAST})")
+    elif path.exists() and any(path.iterdir()):
+        raise UserError(f"run folder {path} already exists; pass --resume to continue it or --overwrite to replace it")
+
+
+def create_run_dir(path: Path, *, overwrite: bool) -> None:
+    if overwrite and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass
+class RunConfig:
+    """What ``fit`` needs besides the distiller and the data (taken from the parsed CLI flags)."""
+    run_dir: Path
+    model_name: str                 # used for <model>_best.pth
+    epochs: int
+    learning_rate: float
+    lr_decay_epochs: list[int]
+    lr_decay_rate: float
+    weight_decay: float
+    momentum: float
+    nesterov: bool
+    seed: int
+    save_freq: int = 40
+    print_freq: int = 100
+    resume: bool = False
+    summary_extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_opt(cls, opt: Any, run_dir: Path, model_name: str, summary_extra: dict[str, Any]) -> 'RunConfig':
+        """Take the optimisation and logging settings from parsed (and finalized) CLI flags."""
+        return cls(run_dir=run_dir, model_name=model_name, epochs=opt.epochs, learning_rate=opt.learning_rate,
+                   lr_decay_epochs=opt.lr_decay_epochs, lr_decay_rate=opt.lr_decay_rate,
+                   weight_decay=opt.weight_decay, momentum=opt.momentum, nesterov=opt.nesterov, seed=opt.seed,
+                   save_freq=opt.save_freq, print_freq=opt.print_freq, resume=opt.resume,
+                   summary_extra=summary_extra)
+
+
+def build_optimizer(distiller: Distiller, cfg: RunConfig) -> torch.optim.SGD:
+    """SGD over the distiller's trainable parameters (never the teacher's)."""
+    return torch.optim.SGD(list(distiller.trainable_parameters()), lr=cfg.learning_rate, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+
+
+def _read_metrics(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r['epoch'] <= up_to_epoch]
+
+
+def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """Train ``distiller`` for ``cfg.epochs`` (continuing from ``last.pth`` when ``cfg.resume``).
+
+    Returns the summary dictionary that is also written to ``summary.json``.
+    """
+    run_dir = cfg.run_dir
+    optimizer = build_optimizer(distiller, cfg)
+    start_epoch, best_acc, best_epoch, wall_time = 1, -1.0, 0, 0.0
+    history: list[dict[str, Any]] = []
+    if cfg.resume:
+        ckpt = load_checkpoint(run_dir / LAST, map_location=device)
+        distiller.load_state_dict_without_teacher(ckpt['distiller'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        start_epoch = ckpt['epoch'] + 1
+        best_acc, best_epoch, wall_time = ckpt['best_acc'], ckpt['best_epoch'], ckpt['wall_time_s']
+        set_rng_state(ckpt['rng'])
+        # drop log lines of an epoch that finished after the last checkpoint was written
+        history = _read_metrics(run_dir / METRICS, ckpt['epoch'])
+        (run_dir / METRICS).write_text(''.join(json.dumps(r) + '\n' for r in history))
+        print(f'==> resuming {run_dir} at epoch {start_epoch}')
+
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch if cfg.resume else None)
+    deployable = distiller.deployable()
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            tic = time.time()
+            lr = lr_at_epoch(epoch, cfg.learning_rate, cfg.lr_decay_epochs, cfg.lr_decay_rate)
+            set_lr(optimizer, lr)
+            set_epoch(data, epoch, cfg.seed)
+            train_stats = train_one_epoch(distiller, data.train_loader, optimizer, epoch=epoch, device=device,
+                                          print_freq=cfg.print_freq)
+            test = validate(deployable, data.val_loader, device)
+            epoch_time = time.time() - tic
+            wall_time += epoch_time
+            record = {'epoch': epoch, 'lr': lr, **train_stats, 'test_loss': test['loss'], 'test_acc': test['acc'],
+                      'test_acc_top5': test['acc_top5'], **distiller.epoch_metrics(), 'time': epoch_time}
+            history.append(record)
+            with open(run_dir / METRICS, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            for key, value in record.items():
+                if key != 'epoch':
+                    writer.add_scalar(key, value, epoch)
+            writer.flush()
+            print(f"epoch {epoch}/{cfg.epochs}  lr {lr:.4g}  train loss {record['train_loss']:.4f} "
+                  f"acc {record['train_acc']:.2f}  test acc {test['acc']:.2f} (top5 {test['acc_top5']:.2f})  "
+                  f"{epoch_time:.1f}s", flush=True)
+
+            weights = deployable.state_dict()
+            if test['acc'] > best_acc:
+                best_acc, best_epoch = test['acc'], epoch
+                save_checkpoint({'epoch': epoch, 'model': weights, 'best_acc': best_acc},
+                                run_dir / f'{cfg.model_name}_best.pth')
+            if epoch % cfg.save_freq == 0 or epoch == cfg.epochs:
+                save_checkpoint({'epoch': epoch, 'model': weights, 'accuracy': test['acc']},
+                                run_dir / f'ckpt_epoch_{epoch}.pth')
+            save_checkpoint({'epoch': epoch, 'model': weights, 'accuracy': test['acc'],
+                             'distiller': distiller.state_dict_without_teacher(),
+                             'optimizer': optimizer.state_dict(), 'best_acc': best_acc, 'best_epoch': best_epoch,
+                             'wall_time_s': wall_time, 'rng': rng_state()}, run_dir / LAST)
+    finally:
+        writer.close()
+
+    if not history:
+        raise UserError(f"{run_dir} has no finished epoch to summarise")
+    last = history[-1]
+    summary = {
+        'last_acc': last['test_acc'], 'last_acc_top5': last['test_acc_top5'],
+        'best_acc': best_acc, 'best_epoch': best_epoch, 'epochs': last['epoch'],
+        'params_deployed': count_params(deployable), 'seed': cfg.seed,
+        **cfg.summary_extra,
+        'git_sha': git_sha(), 'torch_version': torch.__version__, 'device_name': device_name(device),
+        'wall_time_s': wall_time,
+    }
+    save_json(summary, run_dir / 'summary.json')
+    print(f'best accuracy: {best_acc:.2f} (epoch {best_epoch}); last: {last["test_acc"]:.2f}')
+    return summary

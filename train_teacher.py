@@ -1,0 +1,63 @@
+"""Train a model from scratch with cross-entropy (RepDistiller's train_teacher.py, with our additions).
+
+    python train_teacher.py --model resnet56                      # CIFAR-100, 240 epochs
+    python train_teacher.py --model resnet8 --dataset digits --epochs 5 --device cpu
+
+Writes save/models/<model>_<dataset>_lr_<lr>_decay_<wd>_trial_<trial>/ (see README: outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dataset import get_dataloaders
+from distiller_zoo.logit_kd import Vanilla
+from helper.errors import UserError
+from helper.options import add_common_arguments, finalize_common, run_cli, teacher_folder_name
+from helper.run import RunConfig, check_run_dir, create_run_dir, fit
+from helper.util import resolve_device, save_json, seed_everything
+from models import create_model, model_dict
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Train a teacher (or any model) with cross-entropy.')
+    parser.add_argument('--model', type=str, default='resnet110', help=f"one of: {', '.join(model_dict)}")
+    parser.add_argument('-t', '--trial', type=str, default='0', help='experiment id (folder name, default seed)')
+    add_common_arguments(parser)
+    return parser
+
+
+def main(opt: argparse.Namespace) -> dict:
+    """Validate everything, then create the run folder and train. Returns the run summary."""
+    if opt.model not in model_dict:
+        raise UserError(f"unknown --model {opt.model!r}; choose one of: {', '.join(model_dict)}")
+    finalize_common(opt, opt.model)
+    opt.gamma, opt.alpha, opt.beta, opt.kd_T = 1.0, 0.0, 0.0, 4.0
+    run_dir = Path(opt.save_dir) / 'models' / teacher_folder_name(opt)
+    check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
+    device = resolve_device(opt.device)
+
+    seed_everything(opt.seed, opt.deterministic)
+    data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode='plain',
+                           pad_mode=opt.pad_mode, download=opt.download, seed=opt.seed,
+                           pin_memory=device.type == 'cuda')
+    model = create_model(opt.model, num_classes=data.num_classes)
+    distiller = Vanilla(model, None, opt).to(device)
+
+    create_run_dir(run_dir, overwrite=opt.overwrite)
+    if not opt.resume:
+        save_json(vars(opt), run_dir / 'args.json')
+    print(f'==> training {opt.model} on {opt.dataset} ({data.n_data} images, {data.num_classes} classes) '
+          f'on {device}; run folder {run_dir}')
+    summary = {'distill': 'ce', 'model_s': opt.model, 'model_t': None, 'dataset': opt.dataset, 'trial': opt.trial}
+    cfg = RunConfig.from_opt(opt, run_dir, opt.model, summary)
+    return fit(distiller, data, cfg, device)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(get_args_parser(), main, argv)
+
+
+if __name__ == '__main__':
+    sys.exit(cli())
