@@ -34,7 +34,7 @@ def check_run_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (path / LAST).is_file():
             raise UserError(f"--resume: no run to resume in {path} (no {LAST})")
-    elif path.exists() and any(path.iterdir()):
+    elif not overwrite and path.exists() and any(path.iterdir()):
         raise UserError(f"run folder {path} already exists; pass --resume to continue it or --overwrite to replace it")
 
 

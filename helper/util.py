@@ -180,11 +180,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if not trust and 'weights_only' in str(err):
-            raise UserError(f"{path} holds pickled Python objects and is not loaded by default "
-                            f"(pass --trust_checkpoint if you trust its source): {first}") from None
-        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+        text = str(err)
+        if not trust and 'Unsupported global' in text:
+            what = text[text.index('Unsupported global'):].split(' was not')[0]
+            raise UserError(f"{path} holds pickled Python objects ({what}) and is not loaded by default; "
+                            "pass --trust_checkpoint if you trust its source") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint or damaged ({first[:120]})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a checkpoint dictionary (got {type(ckpt).__name__})")
     return ckpt

@@ -1,0 +1,172 @@
+"""Datasets and the one loader factory the training CLIs use.
+
+    bundle = get_dataloaders('cifar100', './data', batch_size=64, mode='crd', seed=0)
+    for epoch in range(1, epochs + 1):
+        set_epoch(bundle, epoch, seed)      # before iterating: order, augmentation, CRD negatives
+        for img, target, index, sample_idx in bundle.train_loader: ...
+
+Datasets: 'cifar100' (32x32, 100 classes, downloads when missing), 'tinyimagenet' (64x64, 200),
+'imagenet' (224x224, class folders), 'digits' (32x32, 10, bundled with scikit-learn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from helper.errors import UserError
+
+from . import cifar100, digits, imagenet, tinyimagenet
+from .common import seed_worker, torchvision_padding_mode, with_transform
+from .sampling import ContrastiveSampleDataset, IndexedDataset
+
+DATASETS = ("cifar100", "tinyimagenet", "imagenet", "digits")
+MODES = ("plain", "instance", "crd")
+
+__all__ = [
+    "DATASETS", "MODES", "DataBundle", "get_dataloaders", "get_datasets", "get_transforms", "set_epoch",
+    "IndexedDataset", "ContrastiveSampleDataset",
+]
+
+_MODULES = {"cifar100": cifar100, "tinyimagenet": tinyimagenet, "imagenet": imagenet, "digits": digits}
+
+
+@dataclass
+class DataBundle:
+    """Everything a training run needs from the data side.
+
+    train_loader: shuffled, augmented; (img, target) for mode 'plain', (img, target, index) for
+        'instance', (img, target, index, sample_idx) for 'crd'.
+    val_loader: test split, test transform, no shuffle; (img, target).
+    train_eval_loader: train split, test transform, in order; (img, target, index).
+    """
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    train_eval_loader: DataLoader
+    num_classes: int
+    n_data: int
+    image_size: int
+
+
+def _check_name(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def get_transforms(dataset: str, pad_mode: str = "zero") -> tuple[Callable, Callable]:
+    """(train_transform, test_transform) of a dataset; both map a PIL image to a normalised (3, S, S) tensor."""
+    _check_name(dataset)
+    torchvision_padding_mode(pad_mode)  # validates
+    module = _MODULES[dataset]
+    return module.train_transform(pad_mode), module.test_transform()
+
+
+def get_datasets(
+    dataset: str,
+    data_folder: str | Path,
+    train_tf: Callable | None = None,
+    test_tf: Callable | None = None,
+    download: bool = True,
+) -> tuple[Dataset, Dataset]:
+    """(train, test) datasets with items (img, target) and integer `targets`; `download` concerns CIFAR-100 only."""
+    _check_name(dataset)
+    if dataset == "cifar100":
+        return cifar100.get_cifar100_datasets(data_folder, train_tf, test_tf, download=download)
+    if dataset == "tinyimagenet":
+        return tinyimagenet.get_tinyimagenet_datasets(data_folder, train_tf, test_tf)
+    if dataset == "imagenet":
+        return imagenet.get_imagenet_datasets(data_folder, train_tf, test_tf)
+    return digits.get_digits_datasets(data_folder, train_tf, test_tf)
+
+
+def get_dataloaders(
+    dataset: str,
+    data_folder: str,
+    batch_size: int = 64,
+    num_workers: int = 8,
+    *,
+    mode: str = "plain",
+    pad_mode: str = "zero",
+    download: bool = True,
+    seed: int = 0,
+    nce_k: int = 16384,
+    crd_mode: str = "exact",
+    percent: float = 1.0,
+    test_batch_size: int | None = None,
+    pin_memory: bool = False,
+) -> DataBundle:
+    """Build the train / val / train-eval loaders of `dataset` (see DataBundle for what they yield).
+
+    mode: 'plain', 'instance' or 'crd' (nce_k negatives, crd_mode 'exact'/'relax', percent of the
+    negative pool). test_batch_size defaults to batch_size // 2 (RepDistiller), at least 1; the
+    val loader uses num_workers // 2 workers. The train loader is seeded for epoch 0 here; call
+    `set_epoch(bundle, epoch, seed)` before each epoch for reproducible, resumable runs.
+    With num_workers=0 augmentation draws from the global torch RNG (seed it in the caller).
+    """
+    _check_name(dataset)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    train_tf, test_tf = get_transforms(dataset, pad_mode)
+    train_set, test_set = get_datasets(dataset, data_folder, train_tf, test_tf, download=download)
+    eval_set = IndexedDataset(with_transform(train_set, test_tf))
+
+    if mode == "instance":
+        train_items: Dataset = IndexedDataset(train_set)
+    elif mode == "crd":
+        train_items = ContrastiveSampleDataset(train_set, k=nce_k, mode=crd_mode, percent=percent, seed=seed)
+    else:
+        train_items = train_set
+
+    if test_batch_size is None:
+        test_batch_size = max(1, batch_size // 2)
+    common = dict(pin_memory=pin_memory, worker_init_fn=seed_worker, persistent_workers=False)
+    train_loader = DataLoader(
+        train_items, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+        generator=torch.Generator(), drop_last=False, **common,
+    )
+    val_loader = DataLoader(test_set, batch_size=test_batch_size, shuffle=False, num_workers=num_workers // 2, **common)
+    train_eval_loader = DataLoader(eval_set, batch_size=test_batch_size, shuffle=False, num_workers=num_workers, **common)
+    bundle = DataBundle(
+        train_loader=train_loader,
+        val_loader=val_loader,
+        train_eval_loader=train_eval_loader,
+        num_classes=len(train_set.classes),  # type: ignore[attr-defined]
+        n_data=len(train_set),  # type: ignore[arg-type]
+        image_size=_MODULES[dataset].IMAGE_SIZE,
+    )
+    set_epoch(bundle, 0, seed)
+    return bundle
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit torch seed derived from (seed, epoch) through numpy's SeedSequence."""
+    lo, hi = np.random.SeedSequence([int(seed), int(epoch), 0x10AD]).generate_state(2, dtype=np.uint32)
+    return (int(hi) << 31) ^ int(lo)
+
+
+def set_epoch(bundle_or_loader: DataBundle | DataLoader, epoch: int, seed: int) -> None:
+    """Make the next iteration of the train loader a pure function of (seed, epoch).
+
+    Reseeds the loader's generator in place (shuffling order and the worker seeds that drive
+    augmentation) and calls `dataset.set_epoch(epoch)` when the dataset has one (CRD negatives).
+    Call it before creating the epoch's iterator. Accepts a DataBundle (its train_loader) or a loader.
+    """
+    loader = bundle_or_loader.train_loader if isinstance(bundle_or_loader, DataBundle) else bundle_or_loader
+    if loader.generator is None:
+        raise ValueError("this DataLoader has no generator to reseed; build it with generator=torch.Generator()")
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    loader.generator.manual_seed(epoch_seed(seed, epoch))
+    dataset_set_epoch = getattr(loader.dataset, "set_epoch", None)
+    if callable(dataset_set_epoch):
+        dataset_set_epoch(epoch)

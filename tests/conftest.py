@@ -1,0 +1,30 @@
+"""Shared pytest fixtures: tiny on-disk data sets in the real formats (see tests/fixtures_data.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not add the repo root
+    sys.path.insert(0, str(ROOT))
+
+from tests.fixtures_data import write_cifar100, write_tinyimagenet  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cifar100_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data_folder holding cifar-100-python/ with 2 train and 1 test image per class (100 classes)."""
+    root = tmp_path_factory.mktemp("cifar100_data")
+    write_cifar100(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tinyimagenet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data_folder holding tiny-imagenet-200/ with 3 classes, 2 train and 1 val image each."""
+    root = tmp_path_factory.mktemp("tinyimagenet_data")
+    write_tinyimagenet(root)
+    return root

@@ -1,0 +1,189 @@
+"""End to end: train_teacher.py and train_student.py on tiny data in the real CIFAR-100 format.
+
+Covers the output contract, a RepDistiller-layout teacher file, exact resume, and every user error
+the CLIs promise to report as one line on stderr with exit code 2 and nothing written.
+"""
+import hashlib
+import json
+
+import pytest
+import torch
+
+import train_student
+import train_teacher
+from helper.util import load_checkpoint
+from models import create_model
+from tests.fixtures_data import write_cifar100
+
+FAST = ['--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--print_freq', '1000']
+SUMMARY_KEYS = {'last_acc', 'best_acc', 'best_epoch', 'epochs', 'params_deployed', 'seed', 'distill', 'model_s',
+                'model_t', 'dataset', 'git_sha', 'torch_version', 'device_name', 'wall_time_s'}
+METRIC_KEYS = {'epoch', 'lr', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'test_acc_top5', 'time'}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cifar')
+    write_cifar100(root, n_train_per_class=2, n_test_per_class=1)
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def teacher_ckpt(tmp_path_factory, data_dir):
+    """A resnet14 teacher trained here for 1 epoch, in our own run-folder layout."""
+    save = tmp_path_factory.mktemp('teacher_save')
+    assert train_teacher.cli(['--model', 'resnet14', '--epochs', '1', '--data_folder', data_dir,
+                              '--save_dir', str(save), *FAST]) == 0
+    return save / 'models' / 'resnet14_cifar100_lr_0.05_decay_0.0005_trial_0' / 'ckpt_epoch_1.pth'
+
+
+def student_args(data_dir, save_dir, teacher, *extra):
+    return ['--path_t', str(teacher), '--model_s', 'resnet8', '--data_folder', data_dir,
+            '--save_dir', str(save_dir), *FAST, *extra]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_teacher_run_writes_the_output_contract(teacher_ckpt):
+    run_dir = teacher_ckpt.parent
+    names = {p.name for p in run_dir.iterdir()}
+    assert {'args.json', 'metrics.jsonl', 'summary.json', 'ckpt_epoch_1.pth', 'resnet14_best.pth', 'last.pth'} <= names
+    assert any(n.startswith('events.out.tfevents') for n in names)
+    (record,) = read_metrics(run_dir)
+    assert METRIC_KEYS <= set(record) and 'loss_ce' in record and record['epoch'] == 1
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary['params_deployed'] == 181_108 and summary['epochs'] == 1
+    ckpt = load_checkpoint(teacher_ckpt)                 # weights_only load works for our files
+    assert set(ckpt) == {'epoch', 'model', 'accuracy'} and ckpt['epoch'] == 1
+    model = create_model('resnet14', 100)
+    model.load_state_dict(ckpt['model'], strict=True)
+    best = load_checkpoint(run_dir / 'resnet14_best.pth')
+    assert set(best) == {'epoch', 'model', 'best_acc'}
+
+
+def test_student_kd_trains_from_a_teacher_trained_here(tmp_path, data_dir, teacher_ckpt, capsys):
+    assert train_student.cli(student_args(data_dir, tmp_path, teacher_ckpt, '--distill', 'kd', '--epochs', '1')) == 0
+    out = capsys.readouterr().out
+    assert 'teacher accuracy:' in out
+    run_dir = tmp_path / 'student_model' / 'S:resnet8_T:resnet14_cifar100_kd_r:0.1_a:0.9_b:0.0_1'
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['distill'] == 'kd' and summary['model_t'] == 'resnet14' and summary['params_deployed'] == 83_892
+    (record,) = read_metrics(run_dir)
+    assert {'loss_ce', 'loss_kd'} <= set(record)
+    args = json.loads((run_dir / 'args.json').read_text())
+    assert args['gamma'] == 0.1 and args['alpha'] == 0.9          # KD's published weights by default
+
+
+def test_repdistiller_layout_teacher_loads_strictly(tmp_path, data_dir):
+    """A file laid out like RepDistiller's published ckpt_epoch_240.pth (epoch, model, accuracy, optimizer)."""
+    model = create_model('resnet8', 100)
+    folder = tmp_path / 'models' / 'resnet8_vanilla'
+    folder.mkdir(parents=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    torch.save({'epoch': 240, 'model': model.state_dict(), 'accuracy': torch.tensor(70.0),
+                'optimizer': optimizer.state_dict()}, folder / 'ckpt_epoch_240.pth')
+    code = train_student.cli(student_args(data_dir, tmp_path, folder / 'ckpt_epoch_240.pth',
+                                          '--distill', 'kd', '--epochs', '1'))
+    assert code == 0
+    assert (tmp_path / 'student_model' / 'S:resnet8_T:resnet8_cifar100_kd_r:0.1_a:0.9_b:0.0_1' / 'summary.json').is_file()
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, teacher_ckpt, monkeypatch):
+    flags = ['--distill', 'kd', '--epochs', '3', '--lr_decay_epochs', '1,2', '--seed', '5']
+    full, killed = tmp_path / 'full', tmp_path / 'killed'
+    assert train_student.cli(student_args(data_dir, full, teacher_ckpt, *flags)) == 0
+
+    import helper.run as run_module
+    real_epoch = run_module.train_one_epoch
+
+    def dies_in_epoch_3(*args, epoch, **kwargs):
+        if epoch == 3:
+            raise KeyboardInterrupt('killed')
+        return real_epoch(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(run_module, 'train_one_epoch', dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_student.cli(student_args(data_dir, killed, teacher_ckpt, *flags))
+    monkeypatch.setattr(run_module, 'train_one_epoch', real_epoch)
+    assert train_student.cli(student_args(data_dir, killed, teacher_ckpt, *flags, '--resume')) == 0
+
+    name = 'S:resnet8_T:resnet14_cifar100_kd_r:0.1_a:0.9_b:0.0_1'
+    a, b = full / 'student_model' / name, killed / 'student_model' / name
+    strip = lambda records: [{k: v for k, v in r.items() if k != 'time'} for r in records]  # noqa: E731
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    assert [r['epoch'] for r in read_metrics(b)] == [1, 2, 3]
+    wa, wb = load_checkpoint(a / 'last.pth')['model'], load_checkpoint(b / 'last.pth')['model']
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = (json.loads((d / 'summary.json').read_text()) for d in (a, b))
+    assert (sa['last_acc'], sa['best_acc'], sa['best_epoch']) == (sb['last_acc'], sb['best_acc'], sb['best_epoch'])
+
+
+def _tree_digest(root):
+    if not root.exists():
+        return None
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def assert_user_error(capsys, code, match):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith('error: '), err
+    assert match in err[0]
+
+
+@pytest.mark.parametrize('case, match', [
+    ('missing_teacher', 'teacher checkpoint not found'),
+    ('wrong_architecture', 'does not match architecture resnet20'),
+    ('unknown_student', "unknown --model_s 'resnet9'"),
+    ('unknown_method', "unknown --distill 'fitnett'"),
+    ('missing_data', 'CIFAR-100'),
+    ('resume_without_run', 'no run to resume'),
+    ('no_teacher_given', 'pass --path_t'),
+])
+def test_student_user_errors_write_nothing(tmp_path, data_dir, teacher_ckpt, capsys, case, match):
+    save = tmp_path / 'save'
+    args = student_args(data_dir, save, teacher_ckpt, '--distill', 'kd', '--epochs', '1')
+    if case == 'missing_teacher':
+        args[1] = str(tmp_path / 'nope' / 'ckpt.pth')
+    elif case == 'wrong_architecture':
+        folder = tmp_path / 'resnet20_vanilla'        # the folder name says resnet20, the weights are resnet14
+        folder.mkdir()
+        (folder / 'ckpt_epoch_240.pth').write_bytes(teacher_ckpt.read_bytes())
+        args[1] = str(folder / 'ckpt_epoch_240.pth')
+    elif case == 'unknown_student':
+        args[3] = 'resnet9'
+    elif case == 'unknown_method':
+        args += ['--distill', 'fitnett']
+    elif case == 'missing_data':
+        args += ['--data_folder', str(tmp_path / 'no_data'), '--no_download']
+    elif case == 'resume_without_run':
+        args += ['--resume']
+    elif case == 'no_teacher_given':
+        args = args[2:]
+    assert_user_error(capsys, train_student.cli(args), match)
+    assert not save.exists()
+    assert not (tmp_path / 'no_data').exists()
+
+
+def test_existing_run_folder_is_refused_and_left_untouched(tmp_path, data_dir, teacher_ckpt, capsys):
+    args = student_args(data_dir, tmp_path, teacher_ckpt, '--distill', 'kd', '--epochs', '1')
+    assert train_student.cli(args) == 0
+    before = _tree_digest(tmp_path / 'student_model')
+    capsys.readouterr()
+    assert_user_error(capsys, train_student.cli(args), 'already exists')
+    assert _tree_digest(tmp_path / 'student_model') == before
+    assert train_student.cli(args + ['--overwrite']) == 0          # the explicit way to replace it
+
+
+def test_teacher_cli_user_errors(tmp_path, data_dir, capsys):
+    save = tmp_path / 'save'
+    code = train_teacher.cli(['--model', 'resnet9000', '--data_folder', data_dir, '--save_dir', str(save), *FAST])
+    assert_user_error(capsys, code, "unknown --model 'resnet9000'")
+    code = train_teacher.cli(['--model', 'resnet8', '--data_folder', data_dir, '--save_dir', str(save),
+                              '--resume', *FAST])
+    assert_user_error(capsys, code, 'no run to resume')
+    assert not save.exists()
