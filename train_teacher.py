@@ -42,6 +42,7 @@ def main(opt: argparse.Namespace) -> dict:
     data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode='plain',
                            pad_mode=opt.pad_mode, download=opt.download, seed=opt.seed,
                            pin_memory=device.type == 'cuda')
+    opt.num_classes, opt.n_data, opt.image_size = data.num_classes, data.n_data, data.image_size
     model = create_model(opt.model, num_classes=data.num_classes)
     distiller = Vanilla(model, None, opt).to(device)
 

@@ -49,6 +49,7 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
         super().__init__()
+        self.opt = opt
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -95,6 +96,12 @@ class Distiller(nn.Module):
     def deployable(self) -> nn.Module:
         """The network that is evaluated, counted and saved as the student."""
         return self.student
+
+    def deploy_spec(self) -> dict[str, Any]:
+        """How to rebuild ``deployable()`` from a checkpoint (see distiller_zoo/deploy.py)."""
+        # train_teacher.py names its model --model, train_student.py --model_s
+        name = getattr(self.opt, 'model_s', None) or self.opt.model
+        return {'kind': 'plain', 'model': name, 'num_classes': self.opt.num_classes}
 
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
         """Offline or init stage before training (quantizers, class trees, AB/FT/FSP init). Default: none."""

@@ -15,6 +15,9 @@ from helper.errors import UserError
 DISTILLERS: dict[str, type[Distiller]] = {
     'ce': Vanilla,
     'kd': KD,
+    # RepDistiller's feature methods
+    # CRD, DKD, SimKD
+    # letKD, QUEST
 }
 
 # other accepted spellings -> canonical name

@@ -132,15 +132,15 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
                   f"acc {record['train_acc']:.2f}  test acc {test['acc']:.2f} (top5 {test['acc_top5']:.2f})  "
                   f"{epoch_time:.1f}s", flush=True)
 
-            weights = deployable.state_dict()
+            weights, spec = deployable.state_dict(), distiller.deploy_spec()
             if test['acc'] > best_acc:
                 best_acc, best_epoch = test['acc'], epoch
-                save_checkpoint({'epoch': epoch, 'model': weights, 'best_acc': best_acc},
+                save_checkpoint({'epoch': epoch, 'model': weights, 'best_acc': best_acc, 'deploy': spec},
                                 run_dir / f'{cfg.model_name}_best.pth')
             if epoch % cfg.save_freq == 0 or epoch == cfg.epochs:
-                save_checkpoint({'epoch': epoch, 'model': weights, 'accuracy': test['acc']},
+                save_checkpoint({'epoch': epoch, 'model': weights, 'accuracy': test['acc'], 'deploy': spec},
                                 run_dir / f'ckpt_epoch_{epoch}.pth')
-            save_checkpoint({'epoch': epoch, 'model': weights, 'accuracy': test['acc'],
+            save_checkpoint({'epoch': epoch, 'model': weights, 'accuracy': test['acc'], 'deploy': spec,
                              'distiller': distiller.state_dict_without_teacher(),
                              'optimizer': optimizer.state_dict(), 'best_acc': best_acc, 'best_epoch': best_epoch,
                              'wall_time_s': wall_time, 'rng': rng_state()}, run_dir / LAST)

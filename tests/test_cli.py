@@ -11,6 +11,7 @@ import torch
 
 import train_student
 import train_teacher
+from distiller_zoo import load_deployed
 from helper.util import load_checkpoint
 from models import create_model
 from tests.fixtures_data import write_cifar100
@@ -57,11 +58,16 @@ def test_teacher_run_writes_the_output_contract(teacher_ckpt):
     assert SUMMARY_KEYS <= set(summary)
     assert summary['params_deployed'] == 181_108 and summary['epochs'] == 1
     ckpt = load_checkpoint(teacher_ckpt)                 # weights_only load works for our files
-    assert set(ckpt) == {'epoch', 'model', 'accuracy'} and ckpt['epoch'] == 1
+    assert set(ckpt) == {'epoch', 'model', 'accuracy', 'deploy'} and ckpt['epoch'] == 1
     model = create_model('resnet14', 100)
     model.load_state_dict(ckpt['model'], strict=True)
     best = load_checkpoint(run_dir / 'resnet14_best.pth')
-    assert set(best) == {'epoch', 'model', 'best_acc'}
+    assert set(best) == {'epoch', 'model', 'best_acc', 'deploy'}
+    # the checkpoint alone is enough to rebuild and evaluate the model
+    rebuilt = load_deployed(teacher_ckpt)
+    assert not rebuilt.training
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(rebuilt(x), model.eval()(x))
 
 
 def test_student_kd_trains_from_a_teacher_trained_here(tmp_path, data_dir, teacher_ckpt, capsys):
