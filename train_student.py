@@ -64,36 +64,42 @@ def load_teacher(path: str, model_name: str, num_classes: int, trust: bool) -> n
     return model
 
 
-def resolve_models(opt: argparse.Namespace, needs_teacher: bool) -> None:
-    """Check the student name and work out the teacher's (UserError on anything unusable)."""
+def resolve_run_dir(opt: argparse.Namespace) -> Path:
+    """Resolve the derived flags (method alias, teacher name, published weights, lr, seed) in place and
+    return the run folder. Reads no file, so scripts/launch.py can name runs before their teacher exists."""
+    opt.distill = canonical_name(opt.distill)
+    method = DISTILLERS[opt.distill]
+    if not method.needs_teacher:
+        opt.model_t = opt.model_t or 'none'
+    elif opt.model_t is None and opt.path_t is not None:
+        opt.model_t = teacher_name_from_path(opt.path_t)
+    for flag, value in zip(('gamma', 'alpha', 'beta'), method.default_weights):
+        if getattr(opt, flag) is None:
+            setattr(opt, flag, value)
+    finalize_common(opt, opt.model_s)
+    return Path(opt.save_dir) / 'student_model' / student_folder_name(opt)
+
+
+def check_models(opt: argparse.Namespace, needs_teacher: bool) -> None:
+    """The student and teacher names exist and the teacher file is there (UserError otherwise)."""
     if opt.model_s not in model_dict:
         raise UserError(f"unknown --model_s {opt.model_s!r}; choose one of: {', '.join(model_dict)}")
     if not needs_teacher:
-        opt.model_t = opt.model_t or 'none'
         return
     if opt.path_t is None:
         raise UserError(f"--distill {opt.distill} needs a teacher: pass --path_t")
     if not Path(opt.path_t).is_file():
         raise UserError(f"teacher checkpoint not found: {opt.path_t}")
-    if opt.model_t is None:
-        opt.model_t = teacher_name_from_path(opt.path_t)
-        if opt.model_t not in model_dict:
-            raise UserError(f"cannot tell the teacher architecture from the folder of {opt.path_t} "
-                            f"(parsed {opt.model_t!r}); pass --model_t")
-    elif opt.model_t not in model_dict:
-        raise UserError(f"unknown --model_t {opt.model_t!r}; choose one of: {', '.join(model_dict)}")
+    if opt.model_t not in model_dict:
+        raise UserError(f"cannot use teacher architecture {opt.model_t!r} (from --model_t or the folder of "
+                        f"{opt.path_t}); pass --model_t with one of: {', '.join(model_dict)}")
 
 
 def main(opt: argparse.Namespace) -> dict:
     """Validate everything, prepare the method, then create the run folder and train. Returns the summary."""
-    opt.distill = canonical_name(opt.distill)
+    run_dir = resolve_run_dir(opt)
     method = DISTILLERS[opt.distill]
-    resolve_models(opt, method.needs_teacher)
-    for flag, value in zip(('gamma', 'alpha', 'beta'), method.default_weights):
-        if getattr(opt, flag) is None:
-            setattr(opt, flag, value)
-    finalize_common(opt, opt.model_s)
-    run_dir = Path(opt.save_dir) / 'student_model' / student_folder_name(opt)
+    check_models(opt, method.needs_teacher)
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
     device = resolve_device(opt.device)
 

@@ -28,13 +28,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_run_dir(opt: argparse.Namespace) -> Path:
+    """Resolve the derived flags (lr, seed) in place and return the run folder; reads no file."""
+    finalize_common(opt, opt.model)
+    opt.gamma, opt.alpha, opt.beta, opt.kd_T = 1.0, 0.0, 0.0, 4.0
+    return Path(opt.save_dir) / 'models' / teacher_folder_name(opt)
+
+
 def main(opt: argparse.Namespace) -> dict:
     """Validate everything, then create the run folder and train. Returns the run summary."""
     if opt.model not in model_dict:
         raise UserError(f"unknown --model {opt.model!r}; choose one of: {', '.join(model_dict)}")
-    finalize_common(opt, opt.model)
-    opt.gamma, opt.alpha, opt.beta, opt.kd_T = 1.0, 0.0, 0.0, 4.0
-    run_dir = Path(opt.save_dir) / 'models' / teacher_folder_name(opt)
+    run_dir = resolve_run_dir(opt)
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
     device = resolve_device(opt.device)
 

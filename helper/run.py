@@ -20,7 +20,7 @@ from dataset import set_epoch
 from distiller_zoo.base import Distiller
 from helper.errors import UserError
 from helper.loops import train_one_epoch, validate
-from helper.util import (count_params, device_name, git_sha, load_checkpoint, lr_at_epoch, rng_state,
+from helper.util import (count_macs, count_params, device_name, git_sha, load_checkpoint, lr_at_epoch, rng_state,
                          save_checkpoint, save_json, set_lr, set_rng_state)
 
 LAST = 'last.pth'
@@ -153,7 +153,8 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
     summary = {
         'last_acc': last['test_acc'], 'last_acc_top5': last['test_acc_top5'],
         'best_acc': best_acc, 'best_epoch': best_epoch, 'epochs': last['epoch'],
-        'params_deployed': count_params(deployable), 'seed': cfg.seed,
+        'params_deployed': count_params(deployable), 'macs_deployed': count_macs(deployable, data.image_size),
+        'seed': cfg.seed,
         **cfg.summary_extra,
         'git_sha': git_sha(), 'torch_version': torch.__version__, 'device_name': device_name(device),
         'wall_time_s': wall_time,

@@ -131,6 +131,19 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@torch.no_grad()
+def count_macs(module: nn.Module, image_size: int) -> int:
+    """Multiply-adds of one forward of a (1, 3, S, S) image (convolutions and matmuls; eval mode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    with FlopCounterMode(display=False) as counter:
+        module(torch.zeros(1, 3, image_size, image_size, device=device))
+    module.train(was_training)
+    return counter.get_total_flops() // 2
+
+
 def git_sha() -> str:
     """The repository's commit, or 'unknown' outside a git checkout."""
     try:

@@ -104,3 +104,10 @@ def test_run_folder_names_follow_repdistiller():
 def test_seed_from_trial_is_stable():
     assert seed_from_trial('3') == 3
     assert seed_from_trial('abc') == seed_from_trial('abc') != seed_from_trial('abd')
+
+
+def test_count_macs_of_resnet20_matches_the_known_41m():
+    from helper.util import count_macs
+    from models import create_model
+    macs = count_macs(create_model('resnet20', 100), 32)
+    assert 40.5e6 < macs < 41.5e6        # resnet20 on CIFAR is quoted at ~41M multiply-adds
