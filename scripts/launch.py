@@ -1,0 +1,157 @@
+"""Run a list of training commands across the visible GPUs, N jobs per GPU, from a queue.
+
+    python scripts/commands.py distill --trials 5 > table1.txt
+    python scripts/launch.py table1.txt --jobs_per_gpu 3          # every GPU, 3 runs on each
+    python scripts/launch.py table1.txt --gpus 0,1 --dry-run      # what would run, skip or resume
+
+One command per line (train_teacher.py / train_student.py; '#' lines are comments, and a
+'# barrier' line waits for everything above it to finish). For each command the launcher works out
+its run folder: a run whose summary.json exists is skipped, one with a last.pth is continued with
+--resume, one whose folder exists without a checkpoint is restarted with --overwrite. Each run
+logs to <log_dir>/<run folder name>.log. Without GPUs, --jobs runs that many at once on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BARRIER = '# barrier'
+
+
+@dataclass
+class Job:
+    argv: list[str]
+    run_dir: Path
+    action: str          # 'run', 'resume', 'restart' or 'skip'
+
+
+def run_dir_of(argv: list[str]) -> Path:
+    """The run folder a train_teacher.py / train_student.py command line will write."""
+    script = next((a for a in argv if a.endswith(('train_student.py', 'train_teacher.py'))), None)
+    if script is None:
+        raise ValueError(f'not a training command: {shlex.join(argv)}')
+    flags = argv[argv.index(script) + 1:]
+    import train_student
+    import train_teacher
+    cli = train_student if script.endswith('train_student.py') else train_teacher
+    return cli.resolve_run_dir(cli.get_args_parser().parse_args(flags))
+
+
+def plan(argv: list[str]) -> Job:
+    """Decide what to do with one command from the state of its run folder."""
+    run_dir = run_dir_of(argv)
+    argv = [a for a in argv if a not in ('--resume', '--overwrite')]
+    if (run_dir / 'summary.json').is_file():
+        return Job(argv, run_dir, 'skip')
+    if (run_dir / 'last.pth').is_file():
+        return Job(argv + ['--resume'], run_dir, 'resume')
+    if run_dir.exists() and any(run_dir.iterdir()):
+        return Job(argv + ['--overwrite'], run_dir, 'restart')
+    return Job(argv, run_dir, 'run')
+
+
+def read_stages(path: str) -> list[list[list[str]]]:
+    """Commands grouped into stages separated by '# barrier' lines."""
+    text = sys.stdin.read() if path == '-' else Path(path).read_text()
+    stages: list[list[list[str]]] = [[]]
+    for line in text.splitlines():
+        line = line.strip()
+        if line == BARRIER:
+            stages.append([])
+        elif line and not line.startswith('#'):
+            stages[-1].append(shlex.split(line))
+    return [s for s in stages if s]
+
+
+def slots_from(args: argparse.Namespace) -> list[str | None]:
+    """One entry per concurrent job: the GPU id it runs on, or None for CPU."""
+    if args.gpus is None:
+        import torch
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    else:
+        gpus = [g for g in args.gpus.split(',') if g != '']
+    if not gpus:
+        return [None] * args.jobs
+    return [g for g in gpus for _ in range(args.jobs_per_gpu)]
+
+
+def launch(job: Job, gpu: str | None, log_dir: Path) -> subprocess.Popen:
+    env = dict(os.environ)
+    if gpu is not None:
+        env['CUDA_VISIBLE_DEVICES'] = gpu
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / f'{job.run_dir.name}.log', 'a')
+    log.write(f'\n$ {shlex.join(job.argv)}\n')
+    log.flush()
+    argv = [sys.executable if a == 'python' else a for a in job.argv]
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_stage(jobs: list[Job], slots: list[str | None], log_dir: Path, poll_s: float) -> int:
+    """Run ``jobs`` with at most one per slot; returns the number of failed jobs."""
+    queue = list(jobs)
+    running: dict[int, tuple[subprocess.Popen, Job]] = {}
+    failed = 0
+    try:
+        while queue or running:
+            for slot in range(len(slots)):
+                if slot not in running and queue:
+                    job = queue.pop(0)
+                    print(f'[{job.action}] {job.run_dir.name} on {"gpu " + slots[slot] if slots[slot] else "cpu"}',
+                          flush=True)
+                    running[slot] = (launch(job, slots[slot], log_dir), job)
+            for slot, (proc, job) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[slot]
+                    status = 'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'
+                    failed += proc.returncode != 0
+                    print(f'[{status}] {job.run_dir.name}', flush=True)
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        for proc, _ in running.values():
+            proc.terminate()
+        raise
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('commands', help="file with one command per line, or '-' for stdin")
+    parser.add_argument('--gpus', default=None, help='comma-separated GPU ids (default: all visible; "" for CPU)')
+    parser.add_argument('--jobs_per_gpu', type=int, default=1)
+    parser.add_argument('--jobs', type=int, default=1, help='concurrent jobs when there is no GPU')
+    parser.add_argument('--log_dir', default='./save/logs')
+    parser.add_argument('--dry-run', dest='dry_run', action='store_true', help='print the plan, run nothing')
+    parser.add_argument('--poll', type=float, default=1.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    stages = read_stages(args.commands)
+    slots = slots_from(args)
+    failed = 0
+    for number, commands in enumerate(stages, 1):
+        jobs = [plan(c) for c in commands]
+        todo = [j for j in jobs if j.action != 'skip']
+        print(f'== stage {number}/{len(stages)}: {len(todo)} to run, {len(jobs) - len(todo)} finished already',
+              flush=True)
+        if args.dry_run:
+            for job in jobs:
+                print(f'[{job.action}] {shlex.join(job.argv)}')
+            continue
+        failed += run_stage(todo, slots, Path(args.log_dir), args.poll)
+    if failed:
+        print(f'{failed} run(s) failed; see {args.log_dir}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

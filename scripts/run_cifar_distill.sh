@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Table 1: every method x every CIFAR-100 pair x trials (default 5), each with its published settings.
+#   bash scripts/run_cifar_distill.sh --dry-run              # print every command
+#   bash scripts/run_cifar_distill.sh --trials 1 --gpus 0,1  # run them with scripts/launch.py (skips finished runs)
+# Other flags go to scripts/commands.py (--methods, --pairs, --save_dir, --data_folder, --extra).
+source "$(dirname "$0")/_sweep.sh"
+sweep distill "$@"
