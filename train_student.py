@@ -15,6 +15,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from dataset import get_dataloaders
+from distiller_zoo.letkd import DEFAULT_MAX_POSITIONS
 from distiller_zoo.registry import ALIASES, DISTILLERS, canonical_name
 from helper.errors import UserError
 from helper.loops import validate
@@ -52,6 +53,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--nce_k', type=int, default=16384, help='CRD negatives per anchor')
     g.add_argument('--nce_t', type=float, default=0.07, help='CRD temperature')
     g.add_argument('--nce_m', type=float, default=0.5, help='CRD memory momentum')
+    g = parser.add_argument_group('DKD')
+    g.add_argument('--dkd_alpha', type=float, default=1.0, help='DKD weight of TCKD')
+    g.add_argument('--dkd_beta', type=float, default=8.0, help='DKD weight of NCKD (per pair: README, Methods)')
+    g.add_argument('--dkd_T', type=float, default=4.0, help='DKD temperature')
+    g.add_argument('--dkd_warmup', type=int, default=20, help='epochs of linear DKD warm-up (0: none)')
+    g = parser.add_argument_group('SimKD')
+    g.add_argument('--simkd_factor', type=int, default=2, help="SimKD projector's bottleneck factor (t_n / factor)")
+    g = parser.add_argument_group('TDD')
+    g.add_argument('--tdd_threshold', type=float, default=0.2,
+                   help='kNN purity below which a class-tree node becomes one coarse group')
+    g.add_argument('--tdd_knn', type=int, default=20, help='neighbours of the kNN purity of a tree node')
+    g.add_argument('--crd_weight', type=float, default=0.8, help='weight of the CRD term of tdd_crd (TDD+CRD)')
+    g = parser.add_argument_group('letKD / QUEST')
+    g.add_argument('--k_penult', type=int, default=4096, help='words of the penultimate codebook (k-means K)')
+    g.add_argument('--k_inter', type=int, default=8, help='sub-classes per class at the intermediate layer (letkd2)')
+    g.add_argument('--lda_dim', type=int, default=60, help='LDA components kept at the intermediate layer (fewer if the rank is smaller)')
+    g.add_argument('--alpha_penult', type=float, default=None,
+                   help="weight of the penultimate KD layer's value; default per pair: 1, ResNet50->MobileNetV2 "
+                        "0.1 (cifar100) / 0.5 (tinyimagenet)")
+    g.add_argument('--alpha_inter', type=float, default=None,
+                   help="weight of the intermediate KD layer's value; default per pair: 1, ResNet50->MobileNetV2 "
+                        "0.2 (cifar100) / 1 (tinyimagenet)")
+    g.add_argument('--letkd_tau', type=float, default=1.0, help='letKD: teacher codebook targets softmax(-tau * squared distance)')
+    g.add_argument('--quest_tau', type=float, default=5.0, help='QUEST: the same tau, with QuEST\'s default')
+    g.add_argument('--quantizer_seed', type=int, default=0,
+                   help='seed of the offline quantizers (k-means, position sampling); the same for every trial')
+    g.add_argument('--max_positions', type=int, default=DEFAULT_MAX_POSITIONS,
+                   help='offline quantizers sample at most this many teacher positions per layer')
     add_common_arguments(parser)
     return parser
 

@@ -9,19 +9,58 @@ from argparse import Namespace
 import torch.nn as nn
 
 from distiller_zoo.base import Distiller
+from distiller_zoo.AB import ABDistiller
+from distiller_zoo.AT import ATDistiller
+from distiller_zoo.CC import CCDistiller
+from distiller_zoo.FitNet import FitNetDistiller
+from distiller_zoo.FSP import FSPDistiller
+from distiller_zoo.FT import FTDistiller
+from distiller_zoo.KDSVD import KDSVDDistiller
+from distiller_zoo.NST import NSTDistiller
+from distiller_zoo.PKT import PKTDistiller
+from distiller_zoo.RKD import RKDDistiller
+from distiller_zoo.SP import SPDistiller
+from distiller_zoo.VID import VIDDistiller
+from distiller_zoo.DKD import DKD
+from distiller_zoo.crd import CRD
+from distiller_zoo.letkd import LetKD1, LetKD2
 from distiller_zoo.logit_kd import KD, Vanilla
+from distiller_zoo.quest import QUEST
+from distiller_zoo.simkd import SimKDDistiller
+from distiller_zoo.tdd import TDD, TDDCRD
 from helper.errors import UserError
 
 DISTILLERS: dict[str, type[Distiller]] = {
     'ce': Vanilla,
     'kd': KD,
     # RepDistiller's feature methods
+    'hint': FitNetDistiller,
+    'attention': ATDistiller,
+    'similarity': SPDistiller,
+    'correlation': CCDistiller,
+    'vid': VIDDistiller,
+    'rkd': RKDDistiller,
+    'pkt': PKTDistiller,
+    'abound': ABDistiller,
+    'factor': FTDistiller,
+    'fsp': FSPDistiller,
+    'nst': NSTDistiller,
+    'kdsvd': KDSVDDistiller,
     # CRD, DKD, SimKD
+    'crd': CRD,
+    'dkd': DKD,
+    'simkd': SimKDDistiller,
+    # TDD
+    'tdd': TDD,
+    'tdd_crd': TDDCRD,
     # letKD, QUEST
+    'letkd1': LetKD1,
+    'letkd2': LetKD2,
+    'quest': QUEST,
 }
 
 # other accepted spellings -> canonical name
-ALIASES: dict[str, str] = {}
+ALIASES: dict[str, str] = {'letkd': 'letkd2'}
 
 
 def canonical_name(name: str) -> str:

@@ -102,7 +102,7 @@ configs: dict[float, dict[str, tuple[int, ...]]] = {
 
 class ShuffleNetV2(nn.Module):
     """Stem (1x1 conv 3->24, ``bn1``, ReLU), ``layer1..layer3`` (a DownBlock then BasicBlocks),
-    head ``conv2``-``bn2``-ReLU (1x1 to 1024), global average pooling, ``linear``."""
+    head ``conv2``-``bn2``-``relu2`` (1x1 to 1024), global average pooling, ``linear``."""
 
     def __init__(self, net_size: float, num_classes: int = 10) -> None:
         super().__init__()
@@ -119,6 +119,8 @@ class ShuffleNetV2(nn.Module):
         self.layer3 = self._make_layer(out_channels[2], num_blocks[2])
         self.conv2 = nn.Conv2d(out_channels[2], out_channels[3], kernel_size=1, stride=1, padding=0, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])
+        # a module (not torch.relu) so a forward hook can reach the head's output (letKD's penultimate site)
+        self.relu2 = nn.ReLU()
         self.linear = nn.Linear(out_channels[3], num_classes)
 
     def _make_layer(self, out_channels: int, num_blocks: int) -> nn.Sequential:
@@ -146,7 +148,7 @@ class ShuffleNetV2(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         f0 = x
         x, stage_feats = run_stages((self.layer1, self.layer2, self.layer3), x, preact)
-        x = torch.relu(self.bn2(self.conv2(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
         x = flatten_pool(x)  # RepDistiller: avg_pool2d(4) on 32x32 input
         logits = self.linear(x)
         if is_feat:

@@ -17,8 +17,8 @@ sweep() {
   cd "$here/.." || return 1
   local args=("$kind"); [ -n "$trials" ] && args+=(--trials "$trials")
   local list; list=$(mktemp) || return 1
-  python scripts/commands.py "${args[@]}" "${extra[@]}" > "$list" || { rm -f "$list"; return 1; }
+  "${PYTHON:-python}" scripts/commands.py "${args[@]}" "${extra[@]}" > "$list" || { rm -f "$list"; return 1; }
   if [ "$dry" = 1 ]; then cat "$list"; rm -f "$list"; return 0; fi
-  python scripts/launch.py "$list" "${launch[@]}"; local rc=$?
+  "${PYTHON:-python}" scripts/launch.py "$list" "${launch[@]}"; local rc=$?
   rm -f "$list"; return $rc
 }

@@ -174,7 +174,7 @@ def plot(path: Path, runs, published, dataset: str, pairs, labels) -> None:
     pairs = [(t, s) for t, s in pairs if any((dataset, t, s, label) in runs for label in labels)]
     if not pairs:
         return
-    fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 0.32 * len(labels) + 1.5), sharey=True,
+    fig, axes = plt.subplots(1, len(pairs), figsize=(max(5.0, 3.2 * len(pairs)), 0.32 * len(labels) + 1.8), sharey=True,
                              squeeze=False)
     for ax, (t, s) in zip(axes[0], pairs):
         ys = range(len(labels))
@@ -193,8 +193,8 @@ def plot(path: Path, runs, published, dataset: str, pairs, labels) -> None:
         ax.set_title(f'{t}\n-> {s}', fontsize=9)
         ax.set_yticks(list(ys), labels, fontsize=8)
         ax.invert_yaxis()
-    axes[0][0].legend(fontsize=7, loc='lower left')
-    fig.suptitle(f'{dataset}: top-1 accuracy, mean +- std over trials')
+    axes[0][-1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f'{dataset}: last-epoch top-1, mean +- std over trials')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

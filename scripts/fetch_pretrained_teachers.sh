@@ -33,7 +33,7 @@ while IFS= read -r ckpt; do
   found=$((found + 1))
 done < <(find "$tmp" -path '*_vanilla/ckpt_epoch_240.pth')
 [ "$found" -gt 0 ] || { echo "error: no <name>_vanilla/ckpt_epoch_240.pth in the archive" >&2; exit 1; }
-python - "$save_dir" <<'PY'
+"${PYTHON:-python}" - "$save_dir" <<'PY'
 import hashlib, sys
 from pathlib import Path
 from helper.options import teacher_name_from_path

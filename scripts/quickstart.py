@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher_dir = next((Path(args.save_dir) / 'models').glob(f'{args.teacher}_digits_*'))
     teacher_ckpt = teacher_dir / f'ckpt_epoch_{args.epochs}.pth'
 
-    methods = [('student from scratch', 'ce', []), ('KD', 'kd', [])]
+    methods = [('student from scratch', 'ce', []), ('KD', 'kd', []), ('CRD', 'crd', ['--nce_k', '256']),
+               ('letKD-1', 'letkd1', ['--k_penult', '64']), ('letKD-2', 'letkd2', ['--k_penult', '64', '--k_inter', '2'])]
     for label, distill, extra in methods:
         print(f'=== {label}: {args.teacher} -> {args.student}')
         rows.append((label, args.student, run_student(args, teacher_ckpt, distill, extra)))

@@ -1,0 +1,81 @@
+"""CRD's memory bank of embeddings (RepDistiller's ``ContrastMemory``; buffers keep its names)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from models.util import Normalize
+
+# layout of the ``params`` buffer (RepDistiller's): K, T, Z_v1, Z_v2, momentum; Z < 0 means "not fixed yet"
+_K, _T, _Z_V1, _Z_V2, _MOMENTUM = range(5)
+
+
+class ContrastMemory(nn.Module):
+    """Two memory banks of ``outputSize`` (= n_data) unit-norm embeddings of size ``inputSize``.
+
+    ``memory_v1`` holds the student's embeddings, ``memory_v2`` the teacher's. forward(v1, v2, y, idx)
+    scores each anchor against K+1 rows of the *other* network's memory (column 0 of ``idx`` is the
+    positive), divides by the normalisers Z fixed at the first call, then moves rows ``y`` towards the
+    new embeddings with ``momentum`` and renormalises them. The banks live wherever the module is moved.
+    """
+
+    def __init__(self, inputSize: int, outputSize: int, K: int, T: float = 0.07, momentum: float = 0.5,
+                 *, seed: int = 0) -> None:
+        super().__init__()
+        self.n_data = int(outputSize)
+        self.register_buffer('params', torch.tensor([K, T, -1.0, -1.0, momentum]))
+        bound = 1.0 / math.sqrt(inputSize / 3)   # uniform in [-bound, bound] has variance 1 / inputSize
+        self.register_buffer('memory_v1', torch.rand(outputSize, inputSize).mul_(2 * bound).add_(-bound))
+        self.register_buffer('memory_v2', torch.rand(outputSize, inputSize).mul_(2 * bound).add_(-bound))
+        self.l2norm = Normalize(2)
+        self.seed = int(seed)
+        self._generator: torch.Generator | None = None
+
+    def sample_indices(self, y: Tensor) -> Tensor:
+        """(B,) own indices -> (B, K+1) memory rows: column 0 = ``y``, then K uniform draws (with replacement).
+
+        Only used when the loader gives no contrast indices; the draws come from a generator seeded
+        with ``seed`` on the memory's device.
+        """
+        device = self.memory_v1.device
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        K = int(self.params[_K].item())
+        idx = torch.randint(self.n_data, (y.shape[0], K + 1), generator=self._generator, device=device)
+        idx[:, 0] = y
+        return idx
+
+    def _scores(self, memory: Tensor, idx: Tensor, anchor: Tensor) -> Tensor:
+        """exp(<memory[idx], anchor> / T): (B, K+1, 1); no gradient into the memory."""
+        batch, dim = anchor.shape
+        rows = memory.index_select(0, idx.reshape(-1)).detach().view(batch, -1, dim)
+        return torch.exp(torch.bmm(rows, anchor.view(batch, dim, 1)) / self.params[_T].item())
+
+    def _normalised(self, out: Tensor, slot: int, name: str) -> Tensor:
+        if self.params[slot].item() < 0:
+            self.params[slot] = out.mean().detach() * self.n_data
+            print(f'normalization constant {name} is set to {self.params[slot].item():.1f}', flush=True)
+        return out / self.params[slot].item()
+
+    @torch.no_grad()
+    def _update(self, memory: Tensor, y: Tensor, v: Tensor) -> None:
+        momentum = self.params[_MOMENTUM].item()
+        rows = memory.index_select(0, y).mul_(momentum).add_(v.detach() * (1 - momentum))
+        memory.index_copy_(0, y, self.l2norm(rows))
+
+    def forward(self, v1: Tensor, v2: Tensor, y: Tensor, idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """v1, v2: (B, D) student / teacher embeddings; y: (B,) their dataset indices; idx: (B, K+1).
+
+        Returns (out_v1, out_v2), each (B, K+1, 1): out_v1 = student anchor vs teacher memory,
+        out_v2 = teacher anchor vs student memory, both divided by their Z.
+        """
+        if idx is None:
+            idx = self.sample_indices(y)
+        out_v1 = self._normalised(self._scores(self.memory_v2, idx, v1), _Z_V1, 'Z_v1')
+        out_v2 = self._normalised(self._scores(self.memory_v1, idx, v2), _Z_V2, 'Z_v2')
+        self._update(self.memory_v1, y, v1)
+        self._update(self.memory_v2, y, v2)
+        return out_v1.contiguous(), out_v2.contiguous()

@@ -1,0 +1,84 @@
+"""DKD: Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022), with mdistiller's numbers.
+
+``DKDLoss`` is ``alpha * TCKD + beta * NCKD`` (no CE, no warm-up). The Distiller ``dkd`` adds
+``-r`` x CE and multiplies DKD by ``min(epoch / --dkd_warmup, 1)``.
+"""
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from distiller_zoo.base import Distiller
+from helper.errors import UserError
+
+# subtracted from the target logit (after /T) so that it vanishes from the non-target softmax
+_MASK_SHIFT = 1000.0
+
+
+class DKDLoss(nn.Module):
+    """Decoupled KD on (B, C) logits and (B,) integer targets -> scalar.
+
+    TCKD = T^2 / B * sum_b KL([p_t(g), 1 - p_t(g)] || [p_s(g), 1 - p_s(g)]) with p = softmax(z / T) and
+    g the target; the binary masses are sums of the full softmax and the student side takes a plain
+    log (no epsilon, as mdistiller). NCKD = T^2 / B * sum_b KL over the non-target classes, computed
+    by shifting the target logit down by 1000 before the (log-)softmax.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.temperature = float(temperature)
+
+    def forward(self, logits_student: Tensor, logits_teacher: Tensor, target: Tensor) -> Tensor:
+        T = self.temperature
+        batch = logits_student.shape[0]
+        gt_mask = F.one_hot(target, logits_student.shape[1]).to(logits_student.dtype)
+        z_s, z_t = logits_student / T, logits_teacher / T
+
+        p_s, p_t = F.softmax(z_s, dim=1), F.softmax(z_t, dim=1)
+        binary_s = torch.stack([(p_s * gt_mask).sum(1), (p_s * (1 - gt_mask)).sum(1)], dim=1)
+        binary_t = torch.stack([(p_t * gt_mask).sum(1), (p_t * (1 - gt_mask)).sum(1)], dim=1)
+        tckd = F.kl_div(torch.log(binary_s), binary_t, reduction='sum') * T ** 2 / batch
+
+        log_q_s = F.log_softmax(z_s - _MASK_SHIFT * gt_mask, dim=1)
+        q_t = F.softmax(z_t - _MASK_SHIFT * gt_mask, dim=1)
+        nckd = F.kl_div(log_q_s, q_t, reduction='sum') * T ** 2 / batch
+        return self.alpha * tckd + self.beta * nckd
+
+
+class DKD(Distiller):
+    """``-r`` x CE(student) + min(epoch / warmup, 1) x DKDLoss(--dkd_alpha, --dkd_beta, --dkd_T).
+
+    ``-b`` is not used (DKD's weights are ``--dkd_alpha`` / ``--dkd_beta``); ``-a`` adds Hinton KD on top.
+    """
+
+    name = 'dkd'
+    default_weights = (1.0, 0.0, 0.0)   # mdistiller: DKD.CE_WEIGHT = 1, no KD term
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
+        super().__init__(student, teacher, opt)
+        if self.beta != 0:
+            raise UserError(f"dkd does not use -b (got {self.beta}); set its weights with --dkd_alpha / --dkd_beta")
+        if opt.dkd_warmup < 0:
+            raise UserError(f"--dkd_warmup must be >= 0 epochs, got {opt.dkd_warmup}")
+        self.warmup = int(opt.dkd_warmup)
+        self.criterion_dkd = DKDLoss(opt.dkd_alpha, opt.dkd_beta, opt.dkd_T)
+
+    def warmup_factor(self, epoch: int) -> float:
+        """min(epoch / warmup, 1) for 1-indexed epochs (1 without warm-up)."""
+        return min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
+
+    def forward_train(self, image: Tensor, target: Tensor, *, epoch: int, **extras: Any
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+        logit_s = self.student(image)
+        with torch.no_grad():
+            logit_t = self.teacher(image)
+        losses = self.logit_losses(logit_s, logit_t, target)
+        losses[self.name] = self.warmup_factor(epoch) * self.criterion_dkd(logit_s, logit_t, target)
+        return logit_s, losses

@@ -1,0 +1,46 @@
+"""FitNet: Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015), as RepDistiller runs it.
+
+A ``ConvReg`` regresses the student's feature ``feat[hint_layer]`` (default 2) onto the teacher's, trained
+jointly with the student under CE + beta * MSE (no separate hint stage). Published weight: ``-b 100``.
+"""
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distiller_zoo.base import Distiller, probe_features
+from helper.errors import UserError
+from models.util import ConvReg
+
+
+class HintLoss(nn.Module):
+    """forward(f_s, f_t): mean squared error over all elements of two equally shaped tensors."""
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(f_s, f_t)
+
+
+class FitNetDistiller(Distiller):
+    """``--distill hint``: MSE(ConvReg(feat_s[hint_layer]), feat_t[hint_layer]); the regressor is trainable."""
+
+    name = 'hint'
+    default_weights = (1.0, 0.0, 100.0)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
+        super().__init__(student, teacher, opt)
+        self.hint_layer = int(opt.hint_layer)
+        f_s = probe_features(student, self.image_size)
+        f_t = probe_features(teacher, self.image_size)
+        if not (self.hint_layer < len(f_s) - 1 and self.hint_layer < len(f_t) - 1):
+            raise UserError(f"--hint_layer {self.hint_layer} is not a feature map of both networks "
+                            f"(student has {len(f_s) - 1}, teacher {len(f_t) - 1} maps: indices 0..{min(len(f_s), len(f_t)) - 2})")
+        self.regressor = ConvReg(f_s[self.hint_layer].shape, f_t[self.hint_layer].shape)
+        self.criterion = HintLoss()
+
+    def method_loss(self, feat_s: list[torch.Tensor], feat_t: list[torch.Tensor], logit_s: torch.Tensor,
+                    logit_t: torch.Tensor, target: torch.Tensor, **extras: Any) -> torch.Tensor:
+        return self.criterion(self.regressor(feat_s[self.hint_layer]), feat_t[self.hint_layer])

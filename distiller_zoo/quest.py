@@ -1,0 +1,39 @@
+"""QUEST (Jain, Gidaris, Komodakis, Perez & Cord, ECCV 2020): Quantized Embedding Space for Transferring knowledge.
+
+The teacher's penultimate map is quantized by the offline k-means codebook that letKD also uses
+(helper/letkd_offline.py); its per-position soft assignment ``softmax(-tau * ||t - rho_k||^2)``
+(``--quest_tau``, default 5 as in the QuEST configs) is the target of a cosine 1x1 "word predictor"
+on the student's penultimate map. Unlike letKD there is no value layer: the student's features are
+not modified and the predictor is dropped at test time (the deployed student is the plain model).
+Loss: ``-r`` CE + ``-b`` KL (both 1 by default), the KL averaged over all B*H*W positions.
+"""
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any
+
+import torch.nn as nn
+from torch import Tensor
+
+from distiller_zoo.letkd import PREDICTOR_SCALE, CosineConv1x1, QuantizedKD, kd_sites, pair_shapes, tap
+
+
+class QUEST(QuantizedKD):
+    """``--distill quest``: CE + KL(codebook assignment of the teacher || softmax(predictor(student map)))."""
+
+    name = 'quest'
+    roles = ('penult',)
+    tau_flag = 'quest_tau'
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace) -> None:
+        self.check_flags(opt)
+        shapes_s, shapes_t = pair_shapes(student, teacher, opt.model_s, opt.model_t, self.roles, opt.image_size)
+        super().__init__(student, teacher, opt, shapes_s, shapes_t)
+        self.student_sites = kd_sites(opt.model_s, self.roles)
+        self.predictor = CosineConv1x1(shapes_s['penult'][0], opt.k_penult, scale=PREDICTOR_SCALE)
+
+    def forward_train(self, image: Tensor, target: Tensor, **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        with tap(self.student, self.student_sites) as maps:
+            logits = self.student(image)
+        scores = {'penult': self.predictor(maps['penult'])}
+        return logits, self.kd_losses(logits, scores, image, target)

@@ -1,0 +1,342 @@
+"""TDD: Song et al., "Tree-like Decision Distillation" (CVPR 2021); ``tdd_crd`` is TDD+CRD.
+
+No official code exists; this is our reconstruction from the method's description (README, "TDD and TDD+CRD").
+
+Offline (``prepare``, once per teacher, cached under ``<cache_dir>/tdd/``): for every teacher stage
+output (feat[1:-1]) the training images, without augmentation, are globally average pooled; the
+per-class means are clustered with Ward linkage into a binary tree of the classes; every internal
+node gets a prototype (the mean of its classes' means) and a kNN purity (the share of the k training
+embeddings nearest to the prototype whose label is one of the node's classes); the tree is cut top
+down (a node with purity >= threshold is split into its two children; a leaf or a node with purity
+< threshold becomes one group). The result is one partition of the classes per stage.
+
+Online: one head (GAP + Linear to the number of groups) per student stage output, trained with
+cross-entropy against the coarse label of the true class, each group weighted 1 / |group|; the
+stages are summed. Total: ``-r`` CE + ``-a`` KL_T + ``-b`` TDD (0.1, 0.9, 0.1). The heads are
+dropped at test time: the deployed network is the plain student.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from argparse import Namespace
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.cluster.hierarchy import linkage
+from torch import Tensor
+from tqdm import tqdm
+
+from crd import CRDLoss
+from distiller_zoo.base import Distiller, probe_features
+from helper.errors import UserError
+from helper.util import load_checkpoint, save_checkpoint
+
+FORMAT_VERSION = 1
+Partition = list[list[int]]   # groups of class ids; each group sorted, groups ordered by their first class
+
+
+# ---------------------------------------------------------------------------- offline class trees
+def stage_maps(feats: list[Tensor]) -> list[Tensor]:
+    """The stage outputs feat[1:-1] of a RepDistiller feature list."""
+    return list(feats[1:-1])
+
+
+@torch.no_grad()
+def stage_embeddings(teacher: nn.Module, loader: Iterable, n_data: int, device: torch.device
+                     ) -> tuple[list[Tensor], Tensor]:
+    """Global-average-pooled stage outputs (feat[1:-1]) of every training image.
+
+    ``loader`` yields (img, target, index) (no augmentation). Returns ([(N, C_l) float32 per stage],
+    labels (N,) int64), rows placed by dataset index, on the CPU.
+    """
+    teacher.eval()
+    embeddings: list[Tensor] = []
+    labels = torch.full((n_data,), -1, dtype=torch.long)
+    for image, target, index in tqdm(loader, desc='TDD teacher features', leave=False, disable=None):
+        feats, _ = teacher(image.to(device), is_feat=True)
+        stages = stage_maps(feats)
+        if not embeddings:
+            embeddings = [torch.zeros(n_data, f.shape[1]) for f in stages]
+        for store, f in zip(embeddings, stages):
+            store[index] = f.mean(dim=(2, 3)).float().cpu()
+        labels[index] = target
+    if (labels < 0).any():
+        raise UserError(f"the training loader covered {int((labels >= 0).sum())} of {n_data} images")
+    return embeddings, labels
+
+
+def ward_children(class_means: Tensor) -> list[tuple[int, int]]:
+    """Ward agglomerative clustering of the (n, C) class means. Row i gives the two children of node n + i.
+
+    Nodes 0..n-1 are the classes (leaves); the root is node 2n - 2 (scipy's linkage numbering).
+    """
+    merges = linkage(class_means.double().numpy(), method='ward')
+    return [(int(a), int(b)) for a, b in merges[:, :2]]
+
+
+def node_members(children: list[tuple[int, int]], num_classes: int) -> list[list[int]]:
+    """Sorted class ids below every node: leaves first (node c -> [c]), then the internal nodes."""
+    members = [[c] for c in range(num_classes)]
+    for a, b in children:
+        members.append(sorted(members[a] + members[b]))
+    return members
+
+
+def knn_purity(prototypes: Tensor, embeddings: Tensor, labels: Tensor, members: list[list[int]], k: int,
+               num_classes: int, chunk: int = 8192) -> Tensor:
+    """Share of the k training embeddings nearest to each prototype whose label is in that node's classes.
+
+    prototypes (M, C), embeddings (N, C), labels (N,) in [0, num_classes), members: M lists of class ids.
+    Squared Euclidean distances in float64; ties are broken by dataset index. Returns (M,) float64 in [0, 1].
+    """
+    protos = prototypes.double()
+    proto_sq = protos.pow(2).sum(1)
+    dist = torch.cat([x.pow(2).sum(1, keepdim=True) - 2 * x @ protos.T + proto_sq
+                      for x in (rows.double() for rows in embeddings.split(chunk))])   # (N, M)
+    nearest = torch.sort(dist, dim=0, stable=True).indices[:k]              # (k, M)
+    is_member = torch.zeros(len(members), num_classes, dtype=torch.bool)
+    for node, classes in enumerate(members):
+        is_member[node, classes] = True
+    hits = is_member.gather(1, labels[nearest].T)                            # (M, k)
+    return hits.double().mean(1)
+
+
+def cut_tree(children: list[tuple[int, int]], members: list[list[int]], purity: Tensor, threshold: float
+             ) -> Partition:
+    """Top-down cut: from the root, a leaf or an internal node with purity < threshold is one group;
+    an internal node with purity >= threshold is split into its children.
+
+    ``purity[i]`` is the purity of internal node n + i. Groups are returned ordered by their first class.
+    """
+    num_classes = len(children) + 1
+    groups: Partition = []
+    stack = [2 * num_classes - 2]
+    while stack:
+        node = stack.pop()
+        if node < num_classes or purity[node - num_classes] < threshold:
+            groups.append(members[node])
+        else:
+            stack.extend(children[node - num_classes])
+    return sorted(groups)
+
+
+def class_tree_partition(embeddings: Tensor, labels: Tensor, num_classes: int, threshold: float, k: int
+                         ) -> tuple[Partition, dict[str, Tensor]]:
+    """One stage's partition of the classes from its (N, C) training embeddings and (N,) labels.
+
+    Returns (partition, {'linkage': (n-1, 2) children, 'purity': (n-1,) purity of internal nodes}).
+    """
+    counts = torch.bincount(labels, minlength=num_classes)
+    if (counts == 0).any():
+        raise UserError(f"TDD: class {int((counts == 0).nonzero()[0])} has no training image")
+    means = torch.zeros(num_classes, embeddings.shape[1], dtype=torch.float64)
+    for rows, rows_labels in zip(embeddings.split(8192), labels.split(8192)):
+        means.index_add_(0, rows_labels, rows.double())
+    means /= counts[:, None]
+    if num_classes == 1:
+        return [[0]], {'linkage': torch.zeros(0, 2, dtype=torch.long), 'purity': torch.zeros(0, dtype=torch.float64)}
+    children = ward_children(means)
+    members = node_members(children, num_classes)
+    internal = members[num_classes:]
+    prototypes = torch.stack([means[classes].mean(0) for classes in internal])
+    purity = knn_purity(prototypes, embeddings, labels, internal, k, num_classes)
+    partition = cut_tree(children, members, purity, threshold)
+    return partition, {'linkage': torch.tensor(children, dtype=torch.long), 'purity': purity}
+
+
+def check_partition(groups: Partition, num_classes: int) -> None:
+    """ValueError unless ``groups`` is a partition of range(num_classes) into non-empty groups."""
+    flat = sorted(c for g in groups for c in g)
+    if flat != list(range(num_classes)) or any(not g for g in groups):
+        raise ValueError(f"not a partition of the {num_classes} classes: {groups}")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- student side
+class DecisionHead(nn.Module):
+    """A coarse classifier on one student stage: GAP + Linear(C -> groups). (B, C, H, W) -> (B, groups).
+
+    Buffers: ``class_to_group`` (classes,) maps a fine label to its group; ``group_weight`` (groups,)
+    is 1 / |group|, the class weights of the decision loss.
+    """
+
+    def __init__(self, in_channels: int, groups: Partition, num_classes: int) -> None:
+        super().__init__()
+        check_partition(groups, num_classes)
+        self.linear = nn.Linear(in_channels, len(groups))
+        class_to_group = torch.empty(num_classes, dtype=torch.long)
+        for g, classes in enumerate(groups):
+            class_to_group[classes] = g
+        self.register_buffer('class_to_group', class_to_group)
+        self.register_buffer('group_weight', torch.tensor([1.0 / len(g) for g in groups]))
+
+    def forward(self, feature: Tensor) -> Tensor:
+        return self.linear(feature.mean(dim=(2, 3)))
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """sum_i w(g_i) CE_i / sum_i w(g_i), with g_i the group of target i (PyTorch's weighted mean)."""
+        return F.cross_entropy(logits, self.class_to_group[target], weight=self.group_weight)
+
+    def groups(self) -> Partition:
+        return [torch.nonzero(self.class_to_group == g).flatten().tolist() for g in range(len(self.group_weight))]
+
+
+class TDD(Distiller):
+    """``-r`` CE + ``-a`` KL_T + ``-b`` sum over stages of the 1/|group|-weighted coarse CE of the heads."""
+
+    name = 'tdd'
+    data_mode = 'plain'
+    default_weights = (0.1, 0.9, 0.1)   # KamalEngine's TDD config (classify, kd, other)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
+        super().__init__(student, teacher, opt)
+        if not 0.0 <= opt.tdd_threshold <= 1.0:
+            raise UserError(f"--tdd_threshold must be in [0, 1], got {opt.tdd_threshold}")
+        if not 1 <= opt.tdd_knn <= opt.n_data:
+            raise UserError(f"--tdd_knn must be between 1 and the {opt.n_data} training images, got {opt.tdd_knn}")
+        maps_s = stage_maps(probe_features(student, self.image_size))
+        maps_t = stage_maps(probe_features(teacher, self.image_size))
+        if not maps_s or not maps_t or any(f.dim() != 4 for f in maps_s + maps_t):
+            raise UserError(f"TDD needs spatial stage outputs from both networks "
+                            f"({getattr(opt, 'model_t', 'teacher')} -> {getattr(opt, 'model_s', 'student')})")
+        # stage l of the student learns the decision of teacher stage l (zip-truncated, as RepDistiller)
+        self.stage_channels = [f.shape[1] for f, _ in zip(maps_s, maps_t)]
+        self.teacher_stages = list(range(1, len(maps_t) + 1))
+        self.heads = nn.ModuleList()
+        self._correct: list[Tensor] = []
+        self._seen = 0
+
+    # ---------------------------------------------------------------- offline stage
+    def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
+        """Build (or reload) one class partition per teacher stage, then the student heads."""
+        opt = self.opt
+        meta = {'format_version': FORMAT_VERSION, 'teacher_sha256': file_sha256(opt.path_t),
+                'teacher_arch': opt.model_t, 'dataset': opt.dataset, 'num_classes': opt.num_classes,
+                'n_images': opt.n_data, 'stages': self.teacher_stages, 'threshold': float(opt.tdd_threshold),
+                'knn': int(opt.tdd_knn)}
+        path = Path(cache_dir) / 'tdd' / (f"{opt.model_t}_{opt.dataset}_{meta['teacher_sha256'][:12]}"
+                                          f"_thr{opt.tdd_threshold:g}_knn{opt.tdd_knn}.pth")
+        if path.is_file():
+            partitions = self._load_cache(path, meta)
+            how = f'loaded from {path}'
+        else:
+            if resumed:
+                print(f'TDD: cache {path} is missing; rebuilding the class trees (deterministic)')
+            tic = time.time()
+            partitions, extras = self._build(data.train_eval_loader, device)
+            meta['groups_per_stage'] = [len(p) for p in partitions]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint({'meta': meta, 'partitions': partitions, **extras}, path)
+            how = f'built in {time.time() - tic:.1f}s, cached at {path}'
+        self.set_partitions(partitions)
+        groups = ', '.join(f'stage {s}: {len(p)}' for s, p in zip(self.teacher_stages, partitions))
+        print(f'TDD: groups per teacher stage (threshold {opt.tdd_threshold:g}, kNN {opt.tdd_knn}): {groups} '
+              f'of {opt.num_classes} classes; {len(self.heads)} student heads; {how}')
+
+    def _build(self, loader: Iterable, device: torch.device) -> tuple[list[Partition], dict[str, list[Tensor]]]:
+        embeddings, labels = stage_embeddings(self.teacher, loader, self.opt.n_data, device)
+        partitions, linkages, purities = [], [], []
+        for emb in embeddings:
+            partition, info = class_tree_partition(emb, labels, self.opt.num_classes, float(self.opt.tdd_threshold),
+                                                   int(self.opt.tdd_knn))
+            partitions.append(partition)
+            linkages.append(info['linkage'])
+            purities.append(info['purity'])
+        return partitions, {'linkage': linkages, 'purity': purities}
+
+    def _load_cache(self, path: Path, meta: dict[str, Any]) -> list[Partition]:
+        cached = load_checkpoint(path)
+        stored = cached.get('meta', {})
+        for key, value in meta.items():
+            if stored.get(key) != value:
+                raise UserError(f"TDD cache {path} was built for {key}={stored.get(key)!r}, this run needs "
+                                f"{value!r}; delete the file to rebuild it")
+        partitions = cached.get('partitions')
+        try:
+            if not isinstance(partitions, list) or len(partitions) != len(self.teacher_stages):
+                raise ValueError('wrong number of stages')
+            for groups in partitions:
+                check_partition(groups, self.opt.num_classes)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"TDD cache {path} is damaged ({err}); delete the file to rebuild it") from None
+        return partitions
+
+    def set_partitions(self, partitions: list[Partition]) -> None:
+        """Install one partition per teacher stage; builds a fresh head for each distilled student stage."""
+        device = next(self.student.parameters()).device
+        self.heads = nn.ModuleList(DecisionHead(c, groups, self.opt.num_classes)
+                                   for c, groups in zip(self.stage_channels, partitions)).to(device)
+        self._correct = [torch.zeros((), dtype=torch.long) for _ in self.heads]
+        self._seen = 0
+
+    def partitions(self) -> list[Partition]:
+        """The partitions of the distilled stages (read back from the heads)."""
+        return [head.groups() for head in self.heads]
+
+    # ---------------------------------------------------------------- training
+    def decision_loss(self, feat_s: list[Tensor], target: Tensor) -> Tensor:
+        """Sum over distilled stages of each head's weighted coarse CE (unweighted by ``-b``)."""
+        if not self.heads:
+            raise RuntimeError('TDD: call prepare() (or set_partitions()) before training')
+        total = feat_s[0].new_zeros(())
+        for i, (head, feature) in enumerate(zip(self.heads, stage_maps(feat_s))):
+            logits = head(feature)
+            total = total + head.loss(logits, target)
+            with torch.no_grad():
+                self._correct[i] = self._correct[i] + (logits.argmax(1) == head.class_to_group[target]).sum()
+        self._seen += target.shape[0]
+        return total
+
+    def method_loss(self, feat_s: list[Tensor], feat_t: list[Tensor], logit_s: Tensor, logit_t: Tensor,
+                    target: Tensor, **extras: Any) -> Tensor:
+        return self.decision_loss(feat_s, target)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Groups per distilled stage and the heads' coarse training accuracy (%) since the last call."""
+        metrics: dict[str, float] = {}
+        for i, head in enumerate(self.heads, start=1):
+            metrics[f'tdd_groups_{i}'] = float(len(head.group_weight))
+            if self._seen:
+                metrics[f'tdd_head_acc_{i}'] = 100.0 * self._correct[i - 1].item() / self._seen
+        self._correct = [torch.zeros((), dtype=torch.long) for _ in self.heads]
+        self._seen = 0
+        return metrics
+
+
+class TDDCRD(TDD):
+    """TDD+CRD (our reconstruction): TDD's loss plus ``--crd_weight`` (0.8) x CRDLoss on the pooled features."""
+
+    name = 'tdd_crd'
+    data_mode = 'crd'
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
+        super().__init__(student, teacher, opt)
+        for flag in ('feat_dim', 'nce_k'):
+            if getattr(opt, flag) < 1:
+                raise UserError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
+        if not 0 <= opt.nce_m < 1 or opt.nce_t <= 0:
+            raise UserError(f"--nce_m must be in [0, 1) and --nce_t positive, got {opt.nce_m} and {opt.nce_t}")
+        self.crd_weight = float(opt.crd_weight)
+        opt.s_dim = probe_features(student, self.image_size)[-1].shape[1]
+        opt.t_dim = probe_features(teacher, self.image_size)[-1].shape[1]
+        self.criterion_crd = CRDLoss(opt)
+
+    def forward_train(self, image: Tensor, target: Tensor, *, index: Tensor, contrast_idx: Tensor | None = None,
+                      **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        feat_s, logit_s = self.student(image, is_feat=True)
+        feat_t, logit_t = self.teacher_forward(image)
+        losses = self.logit_losses(logit_s, logit_t, target)
+        losses['tdd'] = self.beta * self.decision_loss(feat_s, target)
+        losses['crd'] = self.crd_weight * self.criterion_crd(feat_s[-1], feat_t[-1], index, contrast_idx)
+        return logit_s, losses

@@ -1,0 +1,76 @@
+"""The init stage of AB, FT and FSP (RepDistiller's helper/pretrain.py), run before the main training.
+
+The teacher and the student are in eval mode, only ``init_modules`` train (their BN layers update their
+running statistics), with a fresh SGD at a constant learning rate for ``--init_epochs`` epochs over the
+training loader. The method supplies the loss of one batch.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from argparse import Namespace
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from dataset import set_epoch
+from helper.util import AverageMeter
+
+# RepDistiller trains FT's paraphraser at lr 0.01 when the student is one of these; otherwise at --learning_rate
+CIFAR_RESNET_STUDENTS = frozenset({'resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110',
+                                   'resnet8x4', 'resnet32x4', 'wrn_16_1', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2'})
+
+
+def init_learning_rate(opt: Namespace) -> float:
+    """The init stage's constant lr: 0.01 for ``factor`` with a CIFAR ResNet/WRN student, else ``opt.learning_rate``."""
+    if opt.distill == 'factor' and opt.model_s in CIFAR_RESNET_STUDENTS:
+        return 0.01
+    return float(opt.learning_rate)
+
+
+def run_init_stage(distiller: nn.Module, init_modules: nn.Module, batch_loss: Callable[[torch.Tensor], torch.Tensor],
+                   data: Any, opt: Namespace, device: torch.device, progress: bool | None = None) -> list[float]:
+    """Train ``init_modules`` alone for ``opt.init_epochs`` epochs; returns the average loss of each epoch.
+
+    ``batch_loss(image)`` maps a (B, 3, H, W) batch on ``device`` to the scalar init loss.
+    ``data`` is a DataBundle (its ``train_loader`` is reseeded per epoch with ``set_epoch(data, e, opt.seed)``).
+    The modules' ``requires_grad`` flags are switched on for the stage and restored afterwards, so modules
+    that are frozen in the main stage can be trained here.
+    """
+    params = list(init_modules.parameters())
+    was_trainable = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    lr = init_learning_rate(opt)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    history = []
+    try:
+        for epoch in range(1, opt.init_epochs + 1):
+            distiller.eval()
+            init_modules.train()
+            set_epoch(data, epoch, opt.seed)
+            loader = data.train_loader
+            meter, tic = AverageMeter(), time.time()
+            bar = tqdm(loader, total=len(loader), desc=f'init {epoch}', leave=False, dynamic_ncols=True,
+                       file=sys.stderr, disable=(not progress) if progress is not None else None)
+            for batch in bar:
+                image = batch[0].to(device, non_blocking=True)
+                loss = batch_loss(image)
+                # zero every gradient, not only the init modules': the loss also reaches student parts
+                # outside them (e.g. WRN's final BN under preact), which must not carry it into the main stage
+                distiller.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                meter.update(loss.item(), image.shape[0])
+                bar.set_postfix(loss=f'{meter.avg:.4f}')
+            bar.close()
+            history.append(meter.avg)
+            print(f'init epoch [{epoch}/{opt.init_epochs}]  lr {lr:g}  loss {meter.avg:.4f}  '
+                  f'{time.time() - tic:.1f}s', flush=True)
+    finally:
+        distiller.zero_grad(set_to_none=True)
+        for p, flag in zip(params, was_trainable):
+            p.requires_grad_(flag)
+    return history

@@ -1,0 +1,105 @@
+"""Inference cost of the letKD layers: time and parameters of the deployed letKD-1 / letKD-2 students
+against the plain student, for each Table-1 student and K_penult in {64, 4096} (random weights).
+
+    python scripts/bench_kd_layer.py                          # CPU, batch 64, prints a Markdown table
+    python scripts/bench_kd_layer.py --device cuda --batch_size 128
+
+Each variant's time is the median, over ``--repeats`` rounds after ``--warmup`` rounds, of one forward of a
+random (B, 3, S, S) batch in eval mode without grad; within a round the variants run one after another,
+so slow drifts of the machine hit all of them alike. Ratios are taken within the same run.
+The supplementary reports about +2% time for the intermediate layer and +2-20% for the penultimate one
+(K from 64 to 4096; its hardware is not stated).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from distiller_zoo.letkd import KDLayer, LetKDStudent, kd_sites, site_shapes  # noqa: E402
+from helper.util import count_params, resolve_device  # noqa: E402
+from models import create_model  # noqa: E402
+
+TABLE1_STUDENTS = ('resnet20', 'resnet32', 'resnet8x4', 'wrn_16_2', 'wrn_40_1', 'ShuffleV1', 'ShuffleV2', 'MobileNetV2')
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--students', nargs='+', default=list(TABLE1_STUDENTS))
+    parser.add_argument('--k_penult', type=int, nargs='+', default=[64, 4096])
+    parser.add_argument('--k_inter', type=int, default=8,
+                        help='sub-classes per class (letKD-2 has classes x k_inter words)')
+    parser.add_argument('--num_classes', type=int, default=100)
+    parser.add_argument('--image_size', type=int, default=32)
+    parser.add_argument('--batch_size', type=int, default=64)
+    parser.add_argument('--repeats', type=int, default=20)
+    parser.add_argument('--warmup', type=int, default=5)
+    parser.add_argument('--device', default='cpu', choices=('auto', 'cpu', 'cuda'))
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
+    return parser.parse_args(argv)
+
+
+def letkd_student(name: str, num_classes: int, image_size: int, words: dict[str, int]) -> LetKDStudent:
+    """A deployed letKD student with KD layers of ``words[role]`` words at ``roles`` (random weights)."""
+    backbone = create_model(name, num_classes)
+    shapes = site_shapes(backbone, kd_sites(name, tuple(words)), image_size)
+    return LetKDStudent(backbone, name, {role: KDLayer(shapes[role][0], k) for role, k in words.items()})
+
+
+@torch.no_grad()
+def median_times(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per forward of each model, timed round-robin."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(warmup + repeats):
+        for name, model in models.items():
+            if x.device.type == 'cuda':
+                torch.cuda.synchronize()
+            tic = time.perf_counter()
+            model(x)
+            if x.device.type == 'cuda':
+                torch.cuda.synchronize()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    print(f'device {device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size}, '
+          f'{args.image_size}x{args.image_size}, median of {args.repeats} after {args.warmup} warm-up rounds\n')
+    print('| student | K_penult | params | letKD-1 params | letKD-2 params | plain ms/batch '
+          '| letKD-1 / plain time | letKD-2 / letKD-1 time | letKD-2 / plain time |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+    inter_words = args.num_classes * args.k_inter
+    for name in args.students:
+        models: dict[str, nn.Module] = {'plain': create_model(name, args.num_classes)}
+        for k in args.k_penult:
+            models[f'1-{k}'] = letkd_student(name, args.num_classes, args.image_size, {'penult': k})
+            models[f'2-{k}'] = letkd_student(name, args.num_classes, args.image_size,
+                                             {'inter': inter_words, 'penult': k})
+        models = {key: model.to(device).eval() for key, model in models.items()}
+        secs = median_times(models, x, args.repeats, args.warmup)
+        plain_params = count_params(models['plain'])
+        for k in args.k_penult:
+            one, two = models[f'1-{k}'], models[f'2-{k}']
+            t0, t1, t2 = secs['plain'], secs[f'1-{k}'], secs[f'2-{k}']
+            print(f'| {name} | {k} | {plain_params / 1e6:.3f} M | +{(count_params(one) - plain_params) / 1e6:.3f} M '
+                  f'| +{(count_params(two) - plain_params) / 1e6:.3f} M | {t0 * 1e3:.1f} | {t1 / t0:.3f} '
+                  f'| {t2 / t1:.3f} | {t2 / t0:.3f} |', flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

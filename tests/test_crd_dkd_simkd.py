@@ -1,0 +1,422 @@
+"""CRD (+KD), DKD and SimKD: criteria on hand-computed inputs, the three Distillers, and one CLI epoch each."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_student
+from crd import ContrastLoss, ContrastMemory, CRDLoss
+from dataset import get_dataloaders
+from distiller_zoo import build_distiller, load_deployed
+from distiller_zoo.DKD import DKDLoss
+from helper.errors import UserError
+from helper.loops import validate
+from helper.util import count_params, load_checkpoint, save_checkpoint
+from models import create_model
+from models.util import SimKD
+from tests.fixtures_data import write_cifar100
+
+FAST = ['--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--print_freq', '1000', '--epochs', '1']
+PAIRS = [('resnet56', 'resnet20'), ('wrn_40_2', 'wrn_16_2'), ('resnet32x4', 'ShuffleV1'), ('ResNet50', 'MobileNetV2')]
+
+
+def make_opt(**kw):
+    base = dict(gamma=1.0, alpha=0.0, beta=0.0, kd_T=4.0, feat_dim=16, nce_k=8, nce_t=0.07, nce_m=0.5, n_data=32,
+                seed=0, image_size=32, num_classes=100, dkd_alpha=1.0, dkd_beta=8.0, dkd_T=4.0, dkd_warmup=20,
+                simkd_factor=2, model_s='resnet8', model_t='resnet14')
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def batch(n=4, classes=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def assert_grads_reach_student_not_teacher(distiller):
+    student, teacher = distiller.student, distiller.teacher
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+
+
+# ---------------------------------------------------------------------------------------------- CRD
+
+def test_contrast_loss_equals_eq18_by_hand():
+    n_data, eps = 10, 1e-7
+    x = torch.tensor([[[0.9], [0.2], [0.05], [0.4]],
+                      [[0.3], [0.7], [0.01], [0.1]]])
+    batch_size, m = 2, 3
+    pn = 1 / n_data
+    total = 0.0
+    for b in range(batch_size):
+        total += math.log(x[b, 0, 0].item() / (x[b, 0, 0].item() + m * pn + eps))
+        for k in range(1, m + 1):
+            total += math.log(m * pn / (x[b, k, 0].item() + m * pn + eps))
+    assert ContrastLoss(n_data)(x).item() == pytest.approx(-total / batch_size, rel=1e-6)
+
+
+def _unit(rows):
+    rows = torch.tensor(rows, dtype=torch.float32)
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+def test_contrast_memory_scores_normalisers_and_momentum_update(capsys):
+    n_data, T, m = 5, 0.5, 0.5
+    memory = ContrastMemory(2, n_data, K=2, T=T, momentum=m)
+    memory.memory_v1.copy_(_unit([[1, 0], [0, 1], [1, 1], [1, -1], [-1, 2]]))
+    memory.memory_v2.copy_(_unit([[0, 1], [1, 2], [-1, 0], [2, 1], [1, 3]]))
+    mem1, mem2 = memory.memory_v1.clone(), memory.memory_v2.clone()
+    v1 = _unit([[1, 2], [3, -1]]).requires_grad_()
+    v2 = _unit([[2, -1], [1, 1]]).requires_grad_()
+    y = torch.tensor([0, 3])
+    idx = torch.tensor([[0, 2, 4], [3, 1, 2]])
+
+    def raw(mem, anchors):   # exp(<mem[idx[b, k]], anchor_b> / T) by explicit loops
+        return [[math.exp(sum(mem[idx[b, k], d].item() * anchors[b, d].item() for d in range(2)) / T)
+                 for k in range(3)] for b in range(2)]
+
+    raw1, raw2 = raw(mem2, v1), raw(mem1, v2)
+    z1 = sum(map(sum, raw1)) / 6 * n_data
+    z2 = sum(map(sum, raw2)) / 6 * n_data
+    out_v1, out_v2 = memory(v1, v2, y, idx)
+    assert out_v1.shape == out_v2.shape == (2, 3, 1)
+    assert torch.allclose(out_v1[..., 0], torch.tensor(raw1) / z1, rtol=1e-5)
+    assert torch.allclose(out_v2[..., 0], torch.tensor(raw2) / z2, rtol=1e-5)
+    assert memory.params[2].item() == pytest.approx(z1, rel=1e-5)
+    assert memory.params[3].item() == pytest.approx(z2, rel=1e-5)
+
+    # rows y moved halfway to the embeddings and renormalised; the others untouched
+    for mem_new, mem_old, v in ((memory.memory_v1, mem1, v1), (memory.memory_v2, mem2, v2)):
+        for b, row in enumerate(y.tolist()):
+            expected = m * mem_old[row] + (1 - m) * v[b].detach()
+            assert torch.allclose(mem_new[row], expected / expected.norm(), atol=1e-6)
+            assert mem_new[row].norm().item() == pytest.approx(1.0, abs=1e-6)
+        others = [r for r in range(n_data) if r not in y.tolist()]
+        assert torch.equal(mem_new[others], mem_old[others])
+
+    # gradients reach the embeddings, never the memory
+    (out_v1.sum() + out_v2.sum()).backward()
+    assert v1.grad is not None and v2.grad is not None
+    assert not memory.memory_v1.requires_grad and memory.memory_v1.grad is None
+
+    # Z stays fixed after the first call (and is printed once)
+    mem2_now = memory.memory_v2.clone()
+    out_again, _ = memory(v1.detach(), v2.detach(), y, idx)
+    assert memory.params[2].item() == pytest.approx(z1, rel=1e-6)
+    assert torch.allclose(out_again[..., 0], torch.tensor(raw(mem2_now, v1)) / z1, rtol=1e-5)
+    printed = capsys.readouterr().out
+    assert printed.count('normalization constant Z_v1 is set to') == 1
+    assert printed.count('normalization constant Z_v2 is set to') == 1
+
+
+def test_contrast_memory_fallback_sampler_is_seeded_and_keeps_the_positive():
+    a = ContrastMemory(4, 50, K=7, seed=3)
+    b = ContrastMemory(4, 50, K=7, seed=3)
+    y = torch.tensor([5, 11, 49])
+    ia, ib = a.sample_indices(y), b.sample_indices(y)
+    assert ia.shape == (3, 8) and torch.equal(ia, ib)
+    assert torch.equal(ia[:, 0], y) and ia.min() >= 0 and ia.max() < 50
+    out_v1, out_v2 = a(F.normalize(torch.randn(3, 4)), F.normalize(torch.randn(3, 4)), y)   # no idx given
+    assert out_v1.shape == out_v2.shape == (3, 8, 1)
+
+
+def test_crd_loss_state_dict_keys_embed_sizes_and_z_survive_a_reload(capsys):
+    opt = make_opt(s_dim=256, t_dim=256, feat_dim=128, n_data=40, nce_k=5)
+    loss = CRDLoss(opt)
+    assert set(loss.state_dict()) == {
+        'embed_s.linear.weight', 'embed_s.linear.bias', 'embed_t.linear.weight', 'embed_t.linear.bias',
+        'contrast.params', 'contrast.memory_v1', 'contrast.memory_v2'}
+    assert count_params(loss) == 65_792                       # RepDistiller's r32x4 -> r8x4 embeds
+    assert loss.contrast.memory_v1.shape == loss.contrast.memory_v2.shape == (40, 128)
+    assert loss.contrast.params.tolist()[:2] == [5.0, pytest.approx(0.07)]
+    assert loss.contrast.params[4].item() == 0.5
+    bound = 1 / math.sqrt(128 / 3)
+    assert loss.contrast.memory_v1.abs().max() <= bound
+
+    f_s, f_t, index = torch.randn(4, 256), torch.randn(4, 256), torch.arange(4)
+    contrast_idx = torch.cat([index[:, None], torch.randint(4, 40, (4, 5))], dim=1)
+    loss(f_s, f_t, index, contrast_idx)
+    z = loss.contrast.params[2:4].clone()
+    assert (z > 0).all()
+    capsys.readouterr()
+
+    resumed = CRDLoss(opt)
+    resumed.load_state_dict(loss.state_dict())
+    resumed(f_s, f_t, index, contrast_idx)
+    assert torch.equal(resumed.contrast.params[2:4], z)
+    assert 'normalization constant' not in capsys.readouterr().out
+
+
+def test_crd_distiller_gradients_reach_student_and_both_embeds_not_teacher():
+    opt = make_opt(beta=0.8)
+    distiller = build_distiller('crd', create_model('resnet8', 100), create_model('resnet32x4', 100), opt)
+    assert (opt.s_dim, opt.t_dim) == (64, 256)
+    distiller.train()
+    x, y = batch()
+    index = torch.tensor([0, 5, 9, 30])
+    contrast_idx = torch.cat([index[:, None], torch.randint(0, 32, (4, 8))], dim=1)
+    logits, losses = distiller.forward_train(x, y, index=index, contrast_idx=contrast_idx, epoch=1)
+    assert logits.shape == (4, 100) and set(losses) == {'ce', 'crd'}
+    sum(losses.values()).backward()
+    assert_grads_reach_student_not_teacher(distiller)
+    crd = distiller.criterion_crd
+    for embed in (crd.embed_s, crd.embed_t):
+        assert embed.linear.weight.grad is not None and embed.linear.weight.grad.abs().sum() > 0
+    trainable = {id(p) for p in distiller.trainable_parameters()}
+    expected = {id(p) for m in (distiller.student, crd.embed_s, crd.embed_t) for p in m.parameters()}
+    assert trainable == expected
+
+
+def test_crd_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    opt = make_opt(gamma=0.0, beta=1.0, n_data=16, nce_k=6)
+    distiller = build_distiller('crd', create_model('resnet8', 10), create_model('resnet8', 10), opt)
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.05, momentum=0.9)
+    x, y = batch(8, 10)
+    index = torch.arange(8)
+    contrast_idx = torch.stack([torch.cat([index[i:i + 1], torch.randperm(16)[:6]]) for i in range(8)])
+    distiller.train()
+    history = []
+    for _ in range(12):
+        _, losses = distiller.forward_train(x, y, index=index, contrast_idx=contrast_idx, epoch=1)
+        optimizer.zero_grad()
+        losses['crd'].backward()
+        optimizer.step()
+        history.append(losses['crd'].item())
+    assert history[-1] < 0.9 * history[0]
+
+
+# ---------------------------------------------------------------------------------------------- DKD
+
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def _softmax(z):
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _tckd_nckd_by_hand(z_s, z_t, target, T):
+    tckd = nckd = 0.0
+    for zs, zt, g in zip(z_s, z_t, target):
+        ps, pt = _softmax([v / T for v in zs]), _softmax([v / T for v in zt])
+        tckd += _kl([pt[g], 1 - pt[g]], [ps[g], 1 - ps[g]])
+        others = [c for c in range(len(zs)) if c != g]
+        qs, qt = _softmax([zs[c] / T for c in others]), _softmax([zt[c] / T for c in others])
+        nckd += _kl(qt, qs)
+    return T ** 2 * tckd / len(target), T ** 2 * nckd / len(target)
+
+
+def test_dkd_loss_equals_tckd_and_nckd_computed_by_hand():
+    z_s = [[2.0, 0.5, -1.0], [0.1, 1.2, 0.3]]
+    z_t = [[3.0, -0.5, 0.2], [-1.0, 2.5, 1.0]]
+    target = [0, 2]
+    T = 2.0
+    tckd, nckd = _tckd_nckd_by_hand(z_s, z_t, target, T)
+    args = torch.tensor(z_s), torch.tensor(z_t), torch.tensor(target)
+    assert tckd > 0 and nckd > 0
+    assert DKDLoss(alpha=1.0, beta=0.0, temperature=T)(*args).item() == pytest.approx(tckd, rel=1e-5)
+    assert DKDLoss(alpha=0.0, beta=1.0, temperature=T)(*args).item() == pytest.approx(nckd, rel=1e-5)
+    assert DKDLoss(alpha=2.0, beta=3.0, temperature=T)(*args).item() == pytest.approx(2 * tckd + 3 * nckd, rel=1e-5)
+    default = DKDLoss()
+    assert (default.alpha, default.beta, default.temperature) == (1.0, 8.0, 4.0)
+
+
+@pytest.mark.parametrize('epoch, factor', [(1, 0.05), (10, 0.5), (20, 1.0), (30, 1.0)])
+def test_dkd_distiller_warmup_and_ce_weight(epoch, factor):
+    torch.manual_seed(0)
+    student, teacher = create_model('resnet8', 100), create_model('resnet14', 100)
+    distiller = build_distiller('dkd', student, teacher, make_opt(gamma=1.0, dkd_alpha=1.0, dkd_beta=2.0))
+    distiller.eval()                       # fixed BN statistics, so the logits can be recomputed below
+    x, y = batch()
+    logits, losses = distiller.forward_train(x, y, epoch=epoch)
+    assert set(losses) == {'ce', 'dkd'}
+    with torch.no_grad():
+        logit_t = teacher(x)
+    tckd, nckd = _tckd_nckd_by_hand(logits.tolist(), logit_t.tolist(), y.tolist(), 4.0)
+    assert losses['dkd'].item() == pytest.approx(factor * (tckd + 2.0 * nckd), rel=1e-4)
+    assert losses['ce'].item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+def test_dkd_flags_are_checked_and_warmup_zero_means_none():
+    student, teacher = create_model('resnet8', 10), create_model('resnet8', 10)
+    with pytest.raises(UserError, match='does not use -b'):
+        build_distiller('dkd', student, teacher, make_opt(beta=8.0))
+    with pytest.raises(UserError, match='--dkd_warmup'):
+        build_distiller('dkd', student, teacher, make_opt(dkd_warmup=-1))
+    assert build_distiller('dkd', student, teacher, make_opt(dkd_warmup=0)).warmup_factor(1) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- SimKD
+
+@pytest.mark.parametrize('s_n, counts', [(256, (214_016, 70_400, 26_240)), (512, (246_784, 86_784, 34_432))])
+def test_simkd_projector_parameter_counts_and_keys(s_n, counts):
+    for factor, expected in zip((2, 4, 8), counts):
+        assert count_params(SimKD(s_n=s_n, t_n=256, factor=factor)) == expected
+    keys = {k.rsplit('.', 1)[0] for k in SimKD(s_n=s_n, t_n=256).state_dict()}
+    assert keys == {'transfer.0', 'transfer.1', 'transfer.3', 'transfer.4', 'transfer.6', 'transfer.7'}
+
+
+def test_simkd_projector_pools_the_larger_map():
+    projector, cls_t = SimKD(s_n=8, t_n=16), torch.nn.Linear(16, 5)
+    small, large = torch.randn(2, 8, 4, 4), torch.randn(2, 16, 8, 8)
+    trans_s, trans_t, pred = projector(small, large, cls_t)             # teacher pooled to 4x4
+    assert trans_s.shape == trans_t.shape == (2, 16, 4, 4) and pred.shape == (2, 5)
+    assert torch.allclose(trans_t, F.avg_pool2d(large, 2))
+    trans_s, trans_t, _ = projector(torch.randn(2, 8, 8, 8), large[..., :2, :2], cls_t)   # student pooled to 2x2
+    assert trans_s.shape == (2, 16, 2, 2) and torch.equal(trans_t, large[..., :2, :2])
+
+
+@pytest.mark.parametrize('teacher_name, student_name', [('resnet32x4', 'ShuffleV1'), ('vgg8', 'resnet8')])
+def test_simkd_deployable_matches_training_prediction_and_reloads(tmp_path, teacher_name, student_name):
+    torch.manual_seed(0)
+    student, teacher = create_model(student_name, 100), create_model(teacher_name, 100)
+    opt = make_opt(gamma=0.0, beta=1.0, model_s=student_name, model_t=teacher_name)
+    distiller = build_distiller('simkd', student, teacher, opt)
+    distiller.train()
+    x, y = batch(4)
+    for _ in range(2):     # move BN statistics away from their initial values
+        distiller.forward_train(x, y, epoch=1)
+    distiller.eval()
+    pred, _ = distiller.forward_train(x, y, epoch=1)
+    deployed = distiller.deployable().eval()
+    assert torch.allclose(deployed(x), pred, atol=1e-5)
+
+    cls_t = teacher.get_submodule(distiller.cls_t_name)
+    assert count_params(deployed) == count_params(student) + count_params(distiller.projector) + count_params(cls_t)
+    path = tmp_path / 'ckpt.pth'
+    save_checkpoint({'model': deployed.state_dict(), 'deploy': distiller.deploy_spec()}, path)
+    rebuilt = load_deployed(path)
+    assert count_params(rebuilt) == count_params(deployed)
+    assert torch.equal(rebuilt(x), deployed(x))
+
+
+def test_simkd_teacher_classifier_is_frozen_but_passes_gradients_to_the_projector():
+    torch.manual_seed(0)
+    student, teacher = create_model('resnet8x4', 100), create_model('resnet32x4', 100)
+    distiller = build_distiller('simkd', student, teacher, make_opt(gamma=0.0, beta=1.0))
+    assert distiller.cls_t_name == 'fc' and count_params(distiller.projector) == 214_016
+    trainable = {id(p) for p in distiller.trainable_parameters()}
+    assert trainable == {id(p) for m in (student, distiller.projector) for p in m.parameters()}
+    fc_before = teacher.fc.weight.clone()
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.1)
+    distiller.train()
+    x, y = batch(4)
+    pred, losses = distiller.forward_train(x, y, epoch=1)
+    assert set(losses) == {'ce', 'simkd'} and losses['ce'].item() == 0.0
+    F.cross_entropy(pred, y).backward()          # only through the teacher classifier
+    assert distiller.projector.transfer[6].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    optimizer.step()
+    assert torch.equal(teacher.fc.weight, fc_before)
+
+
+def test_simkd_refuses_a_teacher_whose_classifier_does_not_fit_its_last_map():
+    with pytest.raises(UserError, match='cannot be a SimKD teacher'):
+        build_distiller('simkd', create_model('resnet8', 100), create_model('MobileNetV2', 100),
+                        make_opt(model_t='MobileNetV2'))
+
+
+# ---------------------------------------------------------------------------------------------- all three, per pair
+
+@pytest.mark.parametrize('method', ['crd', 'dkd', 'simkd'])
+@pytest.mark.parametrize('teacher_name, student_name', PAIRS)
+def test_method_builds_and_trains_on_pair(method, teacher_name, student_name):
+    torch.manual_seed(0)
+    student, teacher = create_model(student_name, 100), create_model(teacher_name, 100)
+    opt = make_opt(gamma=1.0, alpha=0.0, beta={'crd': 0.8, 'dkd': 0.0, 'simkd': 1.0}[method],
+                   model_s=student_name, model_t=teacher_name)
+    distiller = build_distiller(method, student, teacher, opt)
+    distiller.train()
+    x, y = batch(2)
+    index = torch.tensor([3, 7])
+    contrast_idx = torch.cat([index[:, None], torch.randint(0, 32, (2, 8))], dim=1)
+    logits, losses = distiller.forward_train(x, y, index=index, contrast_idx=contrast_idx, epoch=5)
+    assert logits.shape == (2, 100)
+    assert method in losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert_grads_reach_student_not_teacher(distiller)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cifar')
+    write_cifar100(root, n_train_per_class=2, n_test_per_class=1)
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def teacher_ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('teachers') / 'resnet14_vanilla'
+    folder.mkdir()
+    torch.manual_seed(0)
+    save_checkpoint({'model': create_model('resnet14', 100).state_dict()}, folder / 'ckpt_epoch_240.pth')
+    return folder / 'ckpt_epoch_240.pth'
+
+
+def run_student(data_dir, save_dir, teacher, *extra):
+    argv = ['--path_t', str(teacher), '--model_s', 'resnet8', '--data_folder', data_dir, '--save_dir', str(save_dir),
+            *FAST, *extra]
+    assert train_student.cli(argv) == 0
+    (run_dir,) = (save_dir / 'student_model').iterdir()
+    (record,) = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+    return run_dir, record, json.loads((run_dir / 'summary.json').read_text())
+
+
+@pytest.mark.parametrize('extra, folder, loss_names', [
+    (['--distill', 'crd', '--nce_k', '16'], 'crd_r:1.0_a:0.0_b:0.8_1', {'loss_ce', 'loss_crd'}),
+    (['--distill', 'crd', '--nce_k', '16', '-a', '1'], 'crd_r:1.0_a:1.0_b:0.8_1', {'loss_ce', 'loss_kd', 'loss_crd'}),
+    (['--distill', 'dkd', '--dkd_beta', '2'], 'dkd_r:1.0_a:0.0_b:0.0_1', {'loss_ce', 'loss_dkd'}),
+])
+def test_cli_one_epoch(tmp_path, data_dir, teacher_ckpt, extra, folder, loss_names):
+    run_dir, record, summary = run_student(data_dir, tmp_path, teacher_ckpt, *extra)
+    assert run_dir.name == f'S:resnet8_T:resnet14_cifar100_{folder}'
+    assert {k for k in record if k.startswith('loss_')} == loss_names
+    assert summary['params_deployed'] == count_params(create_model('resnet8', 100))
+    if 'crd' in folder:
+        state = load_checkpoint(run_dir / 'last.pth')['distiller']
+        assert state['criterion_crd.contrast.memory_v1'].shape == (200, 128)
+        assert (state['criterion_crd.contrast.params'][2:4] > 0).all()      # Z fixed and saved for resume
+    if 'dkd' in folder:
+        args = json.loads((run_dir / 'args.json').read_text())
+        assert (args['dkd_beta'], args['dkd_warmup']) == (2.0, 20)
+        assert record['loss_dkd'] > 0
+
+
+def test_cli_crd_resume_continues_with_the_same_memory_and_z(tmp_path, data_dir, teacher_ckpt, capsys):
+    def metrics(save_dir, epochs, *extra):
+        argv = ['--path_t', str(teacher_ckpt), '--model_s', 'resnet8', '--data_folder', data_dir,
+                '--save_dir', str(save_dir), *FAST, '--distill', 'crd', '--nce_k', '16',
+                '--epochs', str(epochs), *extra]
+        assert train_student.cli(argv) == 0
+        (run_dir,) = (save_dir / 'student_model').iterdir()
+        lines = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != 'time'} for r in lines]
+
+    straight = metrics(tmp_path / 'straight', 2)
+    metrics(tmp_path / 'resumed', 1)
+    capsys.readouterr()
+    resumed = metrics(tmp_path / 'resumed', 2, '--resume')
+    assert 'normalization constant' not in capsys.readouterr().out     # Z came back from last.pth
+    assert resumed == straight
+
+
+def test_cli_simkd_saves_a_standalone_student(tmp_path, data_dir, teacher_ckpt):
+    run_dir, record, summary = run_student(data_dir, tmp_path, teacher_ckpt, '--distill', 'simkd')
+    assert run_dir.name == 'S:resnet8_T:resnet14_cifar100_simkd_r:0.0_a:0.0_b:1.0_1'
+    assert {k for k in record if k.startswith('loss_')} == {'loss_ce', 'loss_simkd'}
+    projector = SimKD(s_n=64, t_n=64, factor=2)
+    assert summary['params_deployed'] == (count_params(create_model('resnet8', 100)) + count_params(projector)
+                                          + 64 * 100 + 100)
+    ckpt = load_checkpoint(run_dir / 'ckpt_epoch_1.pth')
+    assert ckpt['deploy']['kind'] == 'simkd' and ckpt['deploy']['cls_t'] == 'fc'
+    model = load_deployed(run_dir / 'ckpt_epoch_1.pth')
+    data = get_dataloaders('cifar100', data_dir, batch_size=32, num_workers=0, download=False)
+    assert validate(model, data.val_loader, torch.device('cpu'))['acc'] == pytest.approx(summary['last_acc'])

@@ -1,0 +1,350 @@
+"""TDD and TDD+CRD: the offline class trees (hand-made embeddings), the decision loss against its
+formula, gradients, the paper's pairs, the cache, and one epoch of each through train_student.cli."""
+import argparse
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+
+import train_student
+from dataset import get_dataloaders
+from distiller_zoo import build_distiller
+from distiller_zoo.tdd import (TDD, TDDCRD, class_tree_partition, cut_tree, knn_purity, node_members,
+                               stage_embeddings)
+from helper.errors import UserError
+from helper.util import load_checkpoint, save_checkpoint
+from models import create_model
+from tests.fixtures_data import write_cifar100
+
+FAST = ['--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--print_freq', '1000']
+
+
+def make_opt(**kw):
+    base = dict(gamma=0.1, alpha=0.9, beta=0.1, kd_T=4.0, tdd_threshold=0.2, tdd_knn=3, num_classes=10, n_data=40,
+                image_size=32, model_t='resnet14', model_s='resnet8', dataset='cifar100', path_t=None,
+                feat_dim=16, nce_k=8, nce_t=0.07, nce_m=0.5, crd_weight=0.8, seed=0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def build(name='tdd', student='resnet8', teacher='resnet14', num_classes=10, **kw):
+    torch.manual_seed(0)
+    s, t = create_model(student, num_classes), create_model(teacher, num_classes)
+    return build_distiller(name, s, t, make_opt(num_classes=num_classes, model_s=student, model_t=teacher, **kw))
+
+
+def modulo_partition(num_classes, num_groups):
+    """Classes grouped by c % num_groups: group g = [g, g + M, g + 2M, ...]."""
+    return [list(range(g, num_classes, num_groups)) for g in range(num_groups)]
+
+
+# ------------------------------------------------------------------------- offline class trees
+# Four classes in 2-D: class means (0,0), (0,2), (10,0), (10,2) -> Ward joins {0,1} and {2,3} first.
+# Node prototypes (mean of class means): {0,1} -> (0,1), {2,3} -> (10,1). Outlying samples (in pairs
+# that keep the class means) put other classes next to those prototypes:
+#   4 nearest of (0,1):  (0.1,1) class 2, (0.2,1) class 3, (0,0.5) class 0, (0,1.5) class 1 -> purity 2/4
+#   4 nearest of (10,1): (10.1,1) class 0, (10,0.5) class 2, (10,1.5) class 3, then (10,-0.5) class 2 or
+#                        (10,2.5) class 3 (tied at 1.5)                                     -> purity 3/4
+# The root always has purity 1. Class 0 has 6 samples and class 1 only 2, so the mean of the node's
+# samples would be (0,0.5), whose 4 nearest are three class-0 samples and (0.1,1): purity 3/4, which
+# would split {0,1} at threshold 0.6. The expected partitions therefore also pin the prototype choice.
+TOY = {0: [(0, 0.5), (0, -0.5), (10.1, 1), (-10.1, -1), (0.05, 0), (-0.05, 0)],
+       1: [(0, 2.5), (0, 1.5)],
+       2: [(0.1, 1), (19.9, -1), (10, 0.5), (10, -0.5)],
+       3: [(0.2, 1), (19.8, 3), (10, 1.5), (10, 2.5)]}
+
+
+def toy_embeddings():
+    emb = torch.tensor([p for c in TOY for p in TOY[c]], dtype=torch.float32)
+    labels = torch.tensor([c for c in TOY for _ in TOY[c]])
+    return emb, labels
+
+
+@pytest.mark.parametrize('threshold, expected', [
+    (0.0, [[0], [1], [2], [3]]),
+    (0.4, [[0], [1], [2], [3]]),
+    (0.5, [[0], [1], [2], [3]]),          # purity >= threshold splits
+    (0.6, [[0, 1], [2], [3]]),
+    (0.8, [[0, 1], [2, 3]]),
+    (1.0, [[0, 1], [2, 3]]),              # the root (purity 1) is still split
+])
+def test_tree_cut_on_hand_made_class_embeddings(threshold, expected):
+    emb, labels = toy_embeddings()
+    partition, info = class_tree_partition(emb, labels, 4, threshold, k=4)
+    assert partition == expected
+    assert info['linkage'].tolist() == [[0, 1], [2, 3], [4, 5]]
+    assert info['purity'].tolist() == pytest.approx([0.5, 0.75, 1.0])
+
+
+def test_cut_tree_descends_only_through_pure_nodes():
+    # 5 classes: node 5 = {0,1}, 6 = {2,3}, 7 = {0,1,4}, 8 = root {0..4}
+    children = [(0, 1), (2, 3), (5, 4), (7, 6)]
+    members = node_members(children, 5)
+    assert members[5:] == [[0, 1], [2, 3], [0, 1, 4], [0, 1, 2, 3, 4]]
+    purity = torch.tensor([0.9, 0.1, 0.3, 1.0])
+    # root split; {2,3} impure -> one group; {0,1,4} pure -> split; {0,1} pure -> split into leaves
+    assert cut_tree(children, members, purity, 0.2) == [[0], [1], [2, 3], [4]]
+    # {0,1,4} impure -> one group, whatever its pure child {0,1} says
+    assert cut_tree(children, members, purity, 0.5) == [[0, 1, 4], [2, 3]]
+
+
+def test_knn_purity_computed_by_hand():
+    # 1-D embeddings at 0, 1, 3, 4, 10, 11 with labels 0, 1, 2, 0, 1, 1
+    emb = torch.tensor([[0.0], [1.0], [3.0], [4.0], [10.0], [11.0]])
+    labels = torch.tensor([0, 1, 2, 0, 1, 1])
+    prototypes = torch.tensor([[0.5], [0.5], [10.4], [2.0]])
+    members = [[0], [0, 1], [1], [2]]
+    purity = knn_purity(prototypes, emb, labels, members, k=3, num_classes=3)
+    # 0.5:  nearest 0 (l0), 1 (l1), 3 (l2)            -> {0}: 1/3, {0,1}: 2/3
+    # 10.4: nearest 10 (l1), 11 (l1), 4 (l0)          -> {1}: 2/3
+    # 2.0:  1 and 3 tie at distance 1 (both taken), then 0 and 4 tie at 2 -> the lower index (x=0, l0) wins
+    assert purity.tolist() == pytest.approx([1 / 3, 2 / 3, 2 / 3, 1 / 3])
+    # k = 1 at 2.0: the tie between x=1 (index 1, l1) and x=3 (index 2, l2) goes to index 1
+    assert knn_purity(prototypes[3:], emb, labels, [[1]], k=1, num_classes=3).tolist() == [1.0]
+
+
+# ------------------------------------------------------------------------- the decision loss
+def test_decision_loss_equals_the_weighted_ce_formula():
+    distiller = build()
+    partitions = [[[0, 1, 2], [3, 4], [5, 6, 7, 8, 9]], [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
+                  [[c] for c in range(10)]]
+    distiller.set_partitions(partitions)
+    assert distiller.partitions() == partitions
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 9, 4])
+    distiller.train()
+    feat_s, _ = distiller.student(x, is_feat=True)
+    loss = distiller.method_loss(feat_s, [], None, None, y)
+
+    expected = 0.0
+    for head, groups, feature in zip(distiller.heads, partitions, feat_s[1:-1]):
+        logits = (feature.mean(dim=(2, 3)) @ head.linear.weight.T + head.linear.bias).tolist()
+        num = den = 0.0
+        for row, label in zip(logits, y.tolist()):
+            g = next(i for i, members in enumerate(groups) if label in members)
+            ce = math.log(sum(math.exp(v) for v in row)) - row[g]
+            num += ce / len(groups[g])
+            den += 1 / len(groups[g])
+        expected += num / den
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+    _, losses = distiller.forward_train(x, y)
+    assert set(losses) == {'ce', 'kd', 'tdd'}
+    assert losses['tdd'].item() == pytest.approx(0.1 * expected, rel=1e-5)
+
+
+def test_heads_get_gradients_the_teacher_does_not_and_are_not_deployed():
+    distiller = build()
+    distiller.set_partitions([modulo_partition(10, m) for m in (2, 5, 10)])
+    _, losses = distiller.forward_train(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in distiller.heads.parameters())
+    assert all(p.grad is not None for p in distiller.student.parameters())
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+    trainable = {id(p) for p in distiller.trainable_parameters()}
+    assert trainable == {id(p) for p in distiller.student.parameters()} | {id(p) for p in distiller.heads.parameters()}
+    assert distiller.deployable() is distiller.student
+    metrics = distiller.epoch_metrics()
+    assert [metrics[f'tdd_groups_{i}'] for i in (1, 2, 3)] == [2.0, 5.0, 10.0]
+    assert all(0 <= metrics[f'tdd_head_acc_{i}'] <= 100 for i in (1, 2, 3))
+    assert 'tdd_head_acc_1' not in distiller.epoch_metrics()      # accumulators were reset
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    distiller = build()
+    distiller.set_partitions([modulo_partition(10, m) for m in (2, 5, 10)])
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    distiller.train()
+    total, decision = [], []
+    for _ in range(15):
+        _, losses = distiller.forward_train(x, y)
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total.append(loss.item())
+        decision.append(losses['tdd'].item())
+    assert total[-1] < 0.7 * total[0]
+    assert decision[-1] < 0.8 * decision[0]
+
+
+def test_training_before_prepare_is_refused():
+    with pytest.raises(RuntimeError, match='prepare'):
+        build().forward_train(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize('kw, match', [({'tdd_threshold': 1.5}, 'tdd_threshold'), ({'tdd_knn': 0}, 'tdd_knn'),
+                                       ({'tdd_knn': 41}, 'tdd_knn')])
+def test_bad_flags_are_user_errors(kw, match):
+    with pytest.raises(UserError, match=match):
+        build(**kw)
+
+
+PAIRS = [('wrn_40_2', 'wrn_16_2', [32, 64, 128]), ('wrn_40_2', 'wrn_40_1', [16, 32, 64]),
+         ('resnet56', 'resnet20', [16, 32, 64]), ('wrn_40_2', 'ShuffleV1', [240, 480, 960]),
+         ('ResNet50', 'MobileNetV2', [12, 16, 48, 160])]
+
+
+@pytest.mark.parametrize('teacher, student, channels', PAIRS)
+def test_paper_pairs_get_one_head_per_stage(teacher, student, channels):
+    distiller = build(student=student, teacher=teacher, num_classes=100, n_data=1000)
+    distiller.set_partitions([modulo_partition(100, m) for m in (4, 20, 50, 100)])
+    assert [h.linear.in_features for h in distiller.heads] == channels
+    assert [h.linear.out_features for h in distiller.heads] == [4, 20, 50, 100][:len(channels)]
+    logits, losses = distiller.forward_train(torch.randn(2, 3, 32, 32), torch.tensor([7, 42]))
+    assert logits.shape == (2, 100)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in distiller.heads.parameters())
+
+
+def test_zip_truncation_and_64x64_inputs_with_200_classes():
+    # ResNet50 has 4 stages, resnet20 3: teacher stages 1-3 teach student stages 1-3
+    distiller = build(student='resnet20', teacher='ResNet50', num_classes=200, n_data=1000, image_size=64)
+    assert distiller.teacher_stages == [1, 2, 3, 4]
+    distiller.set_partitions([modulo_partition(200, m) for m in (3, 30, 200, 200)])
+    assert [(h.linear.in_features, h.linear.out_features) for h in distiller.heads] == [(16, 3), (32, 30), (64, 200)]
+    logits, losses = distiller.forward_train(torch.randn(2, 3, 64, 64), torch.tensor([5, 199]))
+    assert logits.shape == (2, 200)
+    sum(losses.values()).backward()
+
+
+def test_tdd_crd_adds_the_crd_term_at_its_own_weight():
+    assert TDDCRD.data_mode == 'crd' and TDD.data_mode == 'plain'
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    index = torch.tensor([0, 1, 2, 3])
+    contrast_idx = torch.cat([index[:, None], torch.randint(0, 40, (4, 8))], 1)
+    crd_losses = []
+    for weight in (0.8, 0.4):
+        distiller = build('tdd_crd', crd_weight=weight)      # same seed: same student, embeddings and memory
+        distiller.set_partitions([modulo_partition(10, m) for m in (2, 5, 10)])
+        _, losses = distiller.forward_train(x, y, index=index, contrast_idx=contrast_idx)
+        crd_losses.append(losses['crd'].item())
+    assert set(losses) == {'ce', 'kd', 'tdd', 'crd'}
+    assert crd_losses[1] == pytest.approx(crd_losses[0] / 2, rel=1e-5) and crd_losses[0] > 0
+    sum(losses.values()).backward()
+    crd = distiller.criterion_crd
+    assert all(p.grad is not None for p in [*crd.embed_s.parameters(), *crd.embed_t.parameters()])
+    assert all(p.grad is not None for p in distiller.heads.parameters())
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+
+
+# ------------------------------------------------------------------------- prepare and cache
+@pytest.fixture(scope='module')
+def small_data(tmp_path_factory):
+    """10 classes x 4 train images (no download), and a random resnet14 teacher checkpoint."""
+    root = tmp_path_factory.mktemp('tdd_small')
+    write_cifar100(root, n_train_per_class=4, n_test_per_class=1, num_classes=10)
+    torch.manual_seed(1)
+    folder = root / 'resnet14_vanilla'
+    folder.mkdir()
+    save_checkpoint({'model': create_model('resnet14', 10).state_dict()}, folder / 'ckpt_epoch_240.pth')
+    return root, folder / 'ckpt_epoch_240.pth'
+
+
+def prepared(small_data, cache_dir, **kw):
+    root, ckpt = small_data
+    data = get_dataloaders('cifar100', str(root), batch_size=8, num_workers=0, mode='plain', download=False)
+    teacher = create_model('resnet14', 10)
+    teacher.load_state_dict(load_checkpoint(ckpt)['model'])
+    distiller = TDD(create_model('resnet8', 10), teacher, make_opt(path_t=str(ckpt), **kw))
+    distiller.prepare(data, device=torch.device('cpu'), cache_dir=str(cache_dir))
+    return distiller, data
+
+
+def test_prepare_builds_the_trees_from_clean_teacher_features_and_caches_them(small_data, tmp_path, capsys):
+    distiller, data = prepared(small_data, tmp_path)
+    assert 'TDD: groups per teacher stage' in capsys.readouterr().out
+    (path,) = (tmp_path / 'tdd').iterdir()
+    cached = load_checkpoint(path)
+    meta = cached['meta']
+    assert {k: meta[k] for k in ('teacher_arch', 'dataset', 'num_classes', 'n_images', 'stages', 'threshold',
+                                 'knn', 'format_version')} == \
+        {'teacher_arch': 'resnet14', 'dataset': 'cifar100', 'num_classes': 10, 'n_images': 40, 'stages': [1, 2, 3],
+         'threshold': 0.2, 'knn': 3, 'format_version': 1}
+    assert meta['teacher_sha256'] == hashlib.sha256(small_data[1].read_bytes()).hexdigest()
+    assert meta['groups_per_stage'] == [len(p) for p in cached['partitions']]
+    assert distiller.partitions() == cached['partitions']
+    # embeddings: GAP of the stage outputs of the un-augmented training images, placed by index
+    embeddings, labels = stage_embeddings(distiller.teacher, data.train_eval_loader, 40, torch.device('cpu'))
+    image, target, index = next(iter(data.train_eval_loader))
+    with torch.no_grad():
+        feats, _ = distiller.teacher(image, is_feat=True)
+    for emb, f in zip(embeddings, feats[1:-1]):
+        assert torch.allclose(emb[index], f.mean(dim=(2, 3)), atol=1e-5)
+    assert torch.equal(labels[index], target)
+    expected = [class_tree_partition(e, labels, 10, 0.2, 3)[0] for e in embeddings]
+    assert cached['partitions'] == expected
+
+
+def test_cache_is_reused_and_a_mismatching_file_is_refused(small_data, tmp_path, monkeypatch, capsys):
+    first, _ = prepared(small_data, tmp_path)
+    capsys.readouterr()
+
+    def no_features(*args, **kwargs):
+        raise AssertionError('the cache should have been used')
+    monkeypatch.setattr('distiller_zoo.tdd.stage_embeddings', no_features)
+    second, _ = prepared(small_data, tmp_path)
+    assert 'loaded from' in capsys.readouterr().out
+    assert second.partitions() == first.partitions()
+
+    (path,) = (tmp_path / 'tdd').iterdir()
+    cached = load_checkpoint(path)
+    cached['meta']['stages'] = [1, 2]
+    save_checkpoint(cached, path)
+    with pytest.raises(UserError, match='stages'):
+        prepared(small_data, tmp_path)
+    cached['meta']['stages'] = [1, 2, 3]
+    cached['partitions'][0] = [[0, 1]]
+    save_checkpoint(cached, path)
+    with pytest.raises(UserError, match='damaged'):
+        prepared(small_data, tmp_path)
+
+
+# ------------------------------------------------------------------------- end to end
+@pytest.fixture(scope='module')
+def cli_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tdd_cifar')
+    write_cifar100(root, n_train_per_class=2, n_test_per_class=1)
+    torch.manual_seed(0)
+    folder = root / 'resnet14_vanilla'
+    folder.mkdir()
+    save_checkpoint({'model': create_model('resnet14', 100).state_dict()}, folder / 'ckpt_epoch_240.pth')
+    return root, folder / 'ckpt_epoch_240.pth'
+
+
+def run_cli(cli_data, save_dir, *extra):
+    root, ckpt = cli_data
+    return train_student.cli(['--path_t', str(ckpt), '--model_s', 'resnet8', '--data_folder', str(root),
+                              '--save_dir', str(save_dir), '--tdd_knn', '3', *FAST, *extra])
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_tdd_one_epoch_end_to_end_then_resume_reloads_the_cache(cli_data, tmp_path, capsys):
+    assert run_cli(cli_data, tmp_path, '--distill', 'tdd', '--epochs', '1') == 0
+    assert 'built in' in capsys.readouterr().out
+    run_dir = tmp_path / 'student_model' / 'S:resnet8_T:resnet14_cifar100_tdd_r:0.1_a:0.9_b:0.1_1'
+    (record,) = read_metrics(run_dir)
+    assert {'loss_ce', 'loss_kd', 'loss_tdd', 'tdd_groups_1', 'tdd_groups_2', 'tdd_groups_3'} <= set(record)
+    (cache,) = (tmp_path / 'cache' / 'tdd').iterdir()
+    assert load_checkpoint(cache)['meta']['groups_per_stage'] == [record[f'tdd_groups_{i}'] for i in (1, 2, 3)]
+    # the saved student is the plain resnet8 (no heads)
+    state = load_checkpoint(run_dir / 'ckpt_epoch_1.pth')['model']
+    assert set(state) == set(create_model('resnet8', 100).state_dict())
+
+    assert run_cli(cli_data, tmp_path, '--distill', 'tdd', '--epochs', '2', '--resume') == 0
+    assert 'loaded from' in capsys.readouterr().out
+    assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2]
+
+
+def test_tdd_crd_one_epoch_end_to_end(cli_data, tmp_path):
+    assert run_cli(cli_data, tmp_path, '--distill', 'tdd_crd', '--epochs', '1', '--nce_k', '16') == 0
+    run_dir = tmp_path / 'student_model' / 'S:resnet8_T:resnet14_cifar100_tdd_crd_r:0.1_a:0.9_b:0.1_1'
+    (record,) = read_metrics(run_dir)
+    assert {'loss_ce', 'loss_kd', 'loss_tdd', 'loss_crd', 'tdd_groups_3'} <= set(record)
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['distill'] == 'tdd_crd' and summary['params_deployed'] == 83_892   # plain resnet8
