@@ -81,6 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='seed of the offline quantizers (k-means, position sampling); the same for every trial')
     g.add_argument('--max_positions', type=int, default=DEFAULT_MAX_POSITIONS,
                    help='offline quantizers sample at most this many teacher positions per layer')
+    g.add_argument('--kd_layer_weight', type=float, default=1.0,
+                   help="fitnet_kdlayer: weight of the KD layer's KL loss (0: the layer without supervision); "
+                        "-b weights FitNet's hint loss")
     add_common_arguments(parser)
     return parser
 
@@ -129,6 +132,7 @@ def main(opt: argparse.Namespace) -> dict:
     run_dir = resolve_run_dir(opt)
     method = DISTILLERS[opt.distill]
     check_models(opt, method.needs_teacher)
+    method.check_options(opt)
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
     device = resolve_device(opt.device)
 

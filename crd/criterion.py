@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from crd.memory import ContrastMemory
+from helper.errors import UserError
 from models.util import Embed
 
 EPS = 1e-7
@@ -32,6 +33,17 @@ class ContrastLoss(nn.Module):
         log_d1 = torch.log(positive / (positive + (noise + EPS)))
         log_d0 = torch.log(torch.full_like(negative, noise) / (negative + (noise + EPS)))
         return -(log_d1.sum() + log_d0.sum()) / batch
+
+
+def check_crd_options(opt: Namespace) -> None:
+    """UserError for CRD flags outside their domain (--feat_dim, --nce_k >= 1; --nce_m in [0, 1); --nce_t > 0)."""
+    for flag in ('feat_dim', 'nce_k'):
+        if getattr(opt, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
+    if not 0 <= opt.nce_m < 1:
+        raise UserError(f"--nce_m must be in [0, 1), got {opt.nce_m}")
+    if opt.nce_t <= 0:
+        raise UserError(f"--nce_t must be positive, got {opt.nce_t}")
 
 
 class CRDLoss(nn.Module):

@@ -64,6 +64,10 @@ class Distiller(nn.Module):
         self.image_size = getattr(opt, 'image_size', 32)
 
     # ----------------------------------------------------------------- the loop's interface
+    @classmethod
+    def check_options(cls, opt: Namespace) -> None:
+        """Reject bad values of the method's flags (UserError) before any data is loaded. Default: none."""
+
     def train(self, mode: bool = True) -> 'Distiller':
         """Like nn.Module.train, but the teacher always stays in eval mode."""
         super().train(mode)

@@ -13,8 +13,17 @@ import torch
 import torch.nn as nn
 
 from crd import CRDLoss
+from crd.criterion import check_crd_options
 from distiller_zoo.base import Distiller, probe_features
-from helper.errors import UserError
+
+
+def build_crd_loss(student: nn.Module, teacher: nn.Module, opt: Namespace) -> CRDLoss:
+    """A CRDLoss sized for this pair: opt.s_dim / opt.t_dim are set to the pooled feature sizes (B, D)."""
+    check_crd_options(opt)
+    image_size = getattr(opt, 'image_size', 32)
+    opt.s_dim = probe_features(student, image_size)[-1].shape[1]
+    opt.t_dim = probe_features(teacher, image_size)[-1].shape[1]
+    return CRDLoss(opt)
 
 
 class CRD(Distiller):
@@ -24,18 +33,13 @@ class CRD(Distiller):
     data_mode = 'crd'
     default_weights = (1.0, 0.0, 0.8)   # RepDistiller's run_cifar_distill.sh; CRD+KD: -a 1
 
+    @classmethod
+    def check_options(cls, opt: Namespace) -> None:
+        check_crd_options(opt)
+
     def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
         super().__init__(student, teacher, opt)
-        for flag in ('feat_dim', 'nce_k'):
-            if getattr(opt, flag) < 1:
-                raise UserError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
-        if not 0 <= opt.nce_m < 1:
-            raise UserError(f"--nce_m must be in [0, 1), got {opt.nce_m}")
-        if opt.nce_t <= 0:
-            raise UserError(f"--nce_t must be positive, got {opt.nce_t}")
-        opt.s_dim = probe_features(student, self.image_size)[-1].shape[1]
-        opt.t_dim = probe_features(teacher, self.image_size)[-1].shape[1]
-        self.criterion_crd = CRDLoss(opt)
+        self.criterion_crd = build_crd_loss(student, teacher, opt)
 
     def method_loss(self, feat_s: list[torch.Tensor], feat_t: list[torch.Tensor], logit_s: torch.Tensor,
                     logit_t: torch.Tensor, target: torch.Tensor, *, index: torch.Tensor,

@@ -17,7 +17,6 @@ dropped at test time: the deployed network is the plain student.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -30,10 +29,11 @@ from scipy.cluster.hierarchy import linkage
 from torch import Tensor
 from tqdm import tqdm
 
-from crd import CRDLoss
+from crd.criterion import check_crd_options
 from distiller_zoo.base import Distiller, probe_features
+from distiller_zoo.crd import build_crd_loss
 from helper.errors import UserError
-from helper.util import load_checkpoint, save_checkpoint
+from helper.util import file_sha256, load_checkpoint, save_checkpoint
 
 FORMAT_VERSION = 1
 Partition = list[list[int]]   # groups of class ids; each group sorted, groups ordered by their first class
@@ -153,14 +153,6 @@ def check_partition(groups: Partition, num_classes: int) -> None:
     flat = sorted(c for g in groups for c in g)
     if flat != list(range(num_classes)) or any(not g for g in groups):
         raise ValueError(f"not a partition of the {num_classes} classes: {groups}")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- student side
@@ -320,17 +312,15 @@ class TDDCRD(TDD):
     name = 'tdd_crd'
     data_mode = 'crd'
 
+    @classmethod
+    def check_options(cls, opt: Namespace) -> None:
+        super().check_options(opt)
+        check_crd_options(opt)
+
     def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
         super().__init__(student, teacher, opt)
-        for flag in ('feat_dim', 'nce_k'):
-            if getattr(opt, flag) < 1:
-                raise UserError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
-        if not 0 <= opt.nce_m < 1 or opt.nce_t <= 0:
-            raise UserError(f"--nce_m must be in [0, 1) and --nce_t positive, got {opt.nce_m} and {opt.nce_t}")
         self.crd_weight = float(opt.crd_weight)
-        opt.s_dim = probe_features(student, self.image_size)[-1].shape[1]
-        opt.t_dim = probe_features(teacher, self.image_size)[-1].shape[1]
-        self.criterion_crd = CRDLoss(opt)
+        self.criterion_crd = build_crd_loss(student, teacher, opt)
 
     def forward_train(self, image: Tensor, target: Tensor, *, index: Tensor, contrast_idx: Tensor | None = None,
                       **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:

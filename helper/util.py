@@ -1,6 +1,7 @@
 """Small shared utilities: LR schedule, meters, accuracy, seeding, devices, checkpoint I/O."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -129,6 +130,15 @@ def device_name(device: torch.device) -> str:
 def count_params(module: nn.Module) -> int:
     """Number of learnable parameters (BN affine included, buffers excluded)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB blocks); identifies a teacher checkpoint in cache metadata."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @torch.no_grad()

@@ -149,6 +149,7 @@ def assert_user_error(capsys, code, match):
     ('missing_data', 'CIFAR-100'),
     ('resume_without_run', 'no run to resume'),
     ('no_teacher_given', 'pass --path_t'),
+    ('bad_method_option', '--nce_k must be at least 1'),
 ])
 def test_student_user_errors_write_nothing(tmp_path, data_dir, teacher_ckpt, capsys, case, match):
     save = tmp_path / 'save'
@@ -170,6 +171,8 @@ def test_student_user_errors_write_nothing(tmp_path, data_dir, teacher_ckpt, cap
         args += ['--resume']
     elif case == 'no_teacher_given':
         args = args[2:]
+    elif case == 'bad_method_option':          # checked by the method before any data is read
+        args += ['--distill', 'crd', '--nce_k', '0']
     assert_user_error(capsys, train_student.cli(args), match)
     assert not save.exists()
     assert not (tmp_path / 'no_data').exists()
