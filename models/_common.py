@@ -8,6 +8,7 @@ tuples, without the tuples leaking out of the blocks).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -53,3 +54,20 @@ class ShuffleBlock(nn.Module):
 def flatten_pool(x: Tensor) -> Tensor:
     """Global average pooling at any input size: (B, C, H, W) -> (B, C)."""
     return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def init_conv_bn_linear(model: nn.Module) -> None:
+    """RepDistiller's VGG/MobileNetV2 initialisation: conv N(0, sqrt(2 / (k*k*out))) with zero bias,
+    BN weight 1 / bias 0, Linear N(0, 0.01) with zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)

@@ -5,11 +5,12 @@ on 32x32 input the feature maps are 16, 8, 4 and 2 pixels wide.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from models._common import init_conv_bn_linear
 
 __all__ = ['MobileNetV2', 'InvertedResidual', 'mobilenetv2_T_w', 'mobile_half']
 
@@ -104,21 +105,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = conv_1x1_bn(input_channel, self.last_channel)
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # RepDistiller: AvgPool2d(2, ceil_mode=True) at 32x32
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, feature_dim))
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        init_conv_bn_linear(self)
 
     def get_feat_modules(self) -> nn.ModuleList:
         """[conv1, blocks] (conv2 is not included, as in RepDistiller)."""

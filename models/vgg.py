@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from models._common import init_conv_bn_linear
 
 __all__ = ['VGG', 'cfg', 'vgg8', 'vgg8_bn', 'vgg11', 'vgg11_bn', 'vgg13', 'vgg13_bn', 'vgg16',
            'vgg16_bn', 'vgg19', 'vgg19_bn']
@@ -46,7 +47,7 @@ class VGG(nn.Module):
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
-        self._initialize_weights()
+        init_conv_bn_linear(self)
 
     @staticmethod
     def _make_layers(widths: list[int], batch_norm: bool, in_channels: int) -> nn.Sequential:
@@ -59,20 +60,6 @@ class VGG(nn.Module):
             layers.append(nn.ReLU(inplace=True))
             in_channels = v
         return nn.Sequential(*layers[:-1])
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
 
     def get_feat_modules(self) -> nn.ModuleList:
         """Blocks and pools in forward order (everything but the classifier)."""
