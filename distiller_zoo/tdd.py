@@ -27,13 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.cluster.hierarchy import linkage
 from torch import Tensor
-from tqdm import tqdm
 
 from crd.criterion import check_crd_options
 from distiller_zoo.base import Distiller, probe_features
 from distiller_zoo.crd import build_crd_loss
 from helper.errors import UserError
-from helper.util import file_sha256, load_checkpoint, save_checkpoint
+from helper.util import file_sha256, load_checkpoint, progress, save_checkpoint
 
 FORMAT_VERSION = 1
 Partition = list[list[int]]   # groups of class ids; each group sorted, groups ordered by their first class
@@ -56,7 +55,7 @@ def stage_embeddings(teacher: nn.Module, loader: Iterable, n_data: int, device: 
     teacher.eval()
     embeddings: list[Tensor] = []
     labels = torch.full((n_data,), -1, dtype=torch.long)
-    for image, target, index in tqdm(loader, desc='TDD teacher features', leave=False, disable=None):
+    for image, target, index in progress(loader, 'TDD teacher features'):
         feats, _ = teacher(image.to(device), is_feat=True)
         stages = stage_maps(feats)
         if not embeddings:

@@ -5,26 +5,19 @@ named, already-weighted losses, sums them, and logs each one.
 """
 from __future__ import annotations
 
-import sys
 import time
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from distiller_zoo.base import Distiller
 from helper.util import AverageMeter, accuracy
+from helper.util import progress as progress_bar
 
 # batch layout of the training loaders: (image, target[, index[, contrast_idx]])
 EXTRA_NAMES = ('index', 'contrast_idx')
-
-
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool | None):
-    # enabled=None lets tqdm decide (a bar on a terminal, nothing in a log file)
-    return tqdm(iterable, total=total, desc=desc, disable=(not enabled) if enabled is not None else None,
-                leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
 def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.optim.Optimizer, *,
@@ -40,7 +33,7 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
     top1, top5, total = AverageMeter(), AverageMeter(), AverageMeter()
     batch_time = AverageMeter()
     n_batches = len(loader)
-    bar = _progress(loader, n_batches, f'epoch {epoch}', progress)
+    bar = progress_bar(loader, f'epoch {epoch}', n_batches, progress)
     end = time.time()
     for idx, batch in enumerate(bar):
         image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
@@ -82,7 +75,7 @@ def validate(model: nn.Module, loader: Iterable, device: torch.device, *,
     was_training = model.training
     model.eval()
     top1, top5, losses = AverageMeter(), AverageMeter(), AverageMeter()
-    for batch in _progress(loader, len(loader), desc, progress):
+    for batch in progress_bar(loader, desc, len(loader), progress):
         image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         logits = model(image)
         n = image.shape[0]

@@ -6,17 +6,16 @@ training loader. The method supplies the loss of one batch.
 """
 from __future__ import annotations
 
-import sys
 import time
 from argparse import Namespace
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from dataset import set_epoch
 from helper.util import AverageMeter
+from helper.util import progress as progress_bar
 
 # RepDistiller trains FT's paraphraser at lr 0.01 when the student is one of these; otherwise at --learning_rate
 CIFAR_RESNET_STUDENTS = frozenset({'resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110',
@@ -53,9 +52,7 @@ def run_init_stage(distiller: nn.Module, init_modules: nn.Module, batch_loss: Ca
             set_epoch(data, epoch, opt.seed)
             loader = data.train_loader
             meter, tic = AverageMeter(), time.time()
-            bar = tqdm(loader, total=len(loader), desc=f'init {epoch}', leave=False, dynamic_ncols=True,
-                       file=sys.stderr, disable=(not progress) if progress is not None else None)
-            for batch in bar:
+            for batch in progress_bar(loader, f'init {epoch}', len(loader), progress):
                 image = batch[0].to(device, non_blocking=True)
                 loss = batch_loss(image)
                 # zero every gradient, not only the init modules': the loss also reaches student parts

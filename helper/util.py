@@ -6,14 +6,16 @@ import json
 import os
 import random
 import subprocess
+import sys
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from helper.errors import UserError
 
@@ -43,6 +45,12 @@ def lr_at_epoch(epoch: int, base_lr: float, milestones: Sequence[int], rate: flo
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group['lr'] = lr
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None, enabled: bool | None = None) -> tqdm:
+    """A tqdm bar on stderr; ``enabled=None`` shows it on a terminal only, so log files stay readable."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
+                disable=None if enabled is None else not enabled)
 
 
 class AverageMeter:
