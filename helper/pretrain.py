@@ -52,7 +52,8 @@ def run_init_stage(distiller: nn.Module, init_modules: nn.Module, batch_loss: Ca
             set_epoch(data, epoch, opt.seed)
             loader = data.train_loader
             meter, tic = AverageMeter(), time.time()
-            for batch in progress_bar(loader, f'init {epoch}', len(loader), progress):
+            bar = progress_bar(loader, f'init {epoch}', len(loader), progress)
+            for batch in bar:
                 image = batch[0].to(device, non_blocking=True)
                 loss = batch_loss(image)
                 # zero every gradient, not only the init modules': the loss also reaches student parts
