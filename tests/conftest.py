@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not add the repo root
     sys.path.insert(0, str(ROOT))
 
-from tests.fixtures_data import write_cifar100, write_tinyimagenet  # noqa: E402
+from tests.fixtures_data import write_cifar100, write_tinyimagenet, write_vanilla_teacher  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +28,24 @@ def tinyimagenet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tinyimagenet_data")
     write_tinyimagenet(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def data_dir(cifar100_dir: Path) -> str:
+    """``cifar100_dir`` as the string the CLIs take for --data_folder."""
+    return str(cifar100_dir)
+
+
+@pytest.fixture(scope="session")
+def vanilla_teacher(tmp_path_factory: pytest.TempPathFactory):
+    """``vanilla_teacher(name)``: the path of a random ``<name>_vanilla/ckpt_epoch_240.pth`` (100 classes),
+    written once per session."""
+    root = tmp_path_factory.mktemp("teachers")
+    made: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            made[name] = write_vanilla_teacher(root, name)
+        return made[name]
+
+    return make

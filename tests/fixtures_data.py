@@ -295,3 +295,17 @@ def write_imagenet_folders(
                     name = f"ILSVRC2012_val_{counter:08d}.JPEG"
                 _save_jpeg(px, class_dir / name)
     return folder
+
+
+def write_vanilla_teacher(root: str | Path, name: str, num_classes: int = 100, seed: int = 0) -> Path:
+    """A randomly initialised ``name`` saved like RepDistiller's published teachers:
+    ``root/<name>_vanilla/ckpt_epoch_240.pth`` holding ``{'model': state_dict}``. Returns the file."""
+    import torch
+
+    from models import create_model
+    folder = Path(root) / f"{name}_vanilla"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    path = folder / "ckpt_epoch_240.pth"
+    torch.save({"model": create_model(name, num_classes).state_dict()}, path)
+    return path

@@ -14,19 +14,11 @@ import train_teacher
 from distiller_zoo import load_deployed
 from helper.util import load_checkpoint
 from models import create_model
-from tests.fixtures_data import write_cifar100
 
 FAST = ['--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--print_freq', '1000']
 SUMMARY_KEYS = {'last_acc', 'best_acc', 'best_epoch', 'epochs', 'params_deployed', 'seed', 'distill', 'model_s',
                 'model_t', 'dataset', 'git_sha', 'torch_version', 'device_name', 'wall_time_s'}
 METRIC_KEYS = {'epoch', 'lr', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'test_acc_top5', 'time'}
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('cifar')
-    write_cifar100(root, n_train_per_class=2, n_test_per_class=1)
-    return str(root)
 
 
 @pytest.fixture(scope='module')

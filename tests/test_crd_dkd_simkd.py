@@ -17,7 +17,6 @@ from helper.loops import validate
 from helper.util import count_params, load_checkpoint, save_checkpoint
 from models import create_model
 from models.util import SimKD
-from tests.fixtures_data import write_cifar100
 
 FAST = ['--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--print_freq', '1000', '--epochs', '1']
 PAIRS = [('resnet56', 'resnet20'), ('wrn_40_2', 'wrn_16_2'), ('resnet32x4', 'ShuffleV1'), ('ResNet50', 'MobileNetV2')]
@@ -346,19 +345,8 @@ def test_method_builds_and_trains_on_pair(method, teacher_name, student_name):
 # ---------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('cifar')
-    write_cifar100(root, n_train_per_class=2, n_test_per_class=1)
-    return str(root)
-
-
-@pytest.fixture(scope='module')
-def teacher_ckpt(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('teachers') / 'resnet14_vanilla'
-    folder.mkdir()
-    torch.manual_seed(0)
-    save_checkpoint({'model': create_model('resnet14', 100).state_dict()}, folder / 'ckpt_epoch_240.pth')
-    return folder / 'ckpt_epoch_240.pth'
+def teacher_ckpt(vanilla_teacher):
+    return vanilla_teacher('resnet14')
 
 
 def run_student(data_dir, save_dir, teacher, *extra):

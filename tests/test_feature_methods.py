@@ -29,7 +29,6 @@ from helper.errors import UserError
 from helper.pretrain import init_learning_rate
 from models import create_model
 from models.util import Connector, ConvReg, Embed, LinearEmbed, Paraphraser, Translator
-from tests.fixtures_data import write_cifar100
 
 METHODS = ['hint', 'attention', 'similarity', 'correlation', 'vid', 'rkd', 'pkt', 'abound', 'factor', 'fsp', 'nst',
            'kdsvd']
@@ -560,20 +559,15 @@ def test_init_stage_is_reproducible():
 # ----------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope='module')
-def cli_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp('feature_methods')
-    write_cifar100(root / 'data', n_train_per_class=2, n_test_per_class=1)
-    teacher_dir = root / 'resnet14_vanilla'
-    teacher_dir.mkdir()
-    torch.manual_seed(0)
-    torch.save({'model': create_model('resnet14', 100).state_dict()}, teacher_dir / 'ckpt_epoch_240.pth')
-    return root
+def cli_setup(data_dir, vanilla_teacher):
+    """(data folder, resnet14 teacher checkpoint)."""
+    return data_dir, vanilla_teacher('resnet14')
 
 
 @pytest.mark.parametrize('method', METHODS)
 def test_one_cli_epoch_per_method(method, cli_setup, tmp_path, capsys):
-    args = ['--path_t', str(cli_setup / 'resnet14_vanilla' / 'ckpt_epoch_240.pth'), '--model_s', 'resnet8',
-            '--distill', method, '--data_folder', str(cli_setup / 'data'), '--save_dir', str(tmp_path),
+    args = ['--path_t', str(cli_setup[1]), '--model_s', 'resnet8',
+            '--distill', method, '--data_folder', cli_setup[0], '--save_dir', str(tmp_path),
             '--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--epochs', '1', '--print_freq', '1000']
     if method in WITH_INIT:
         args += ['--init_epochs', '1']
@@ -589,8 +583,8 @@ def test_one_cli_epoch_per_method(method, cli_setup, tmp_path, capsys):
 
 
 def test_cli_refuses_an_incompatible_fsp_pair_before_writing_anything(cli_setup, tmp_path, capsys):
-    args = ['--path_t', str(cli_setup / 'resnet14_vanilla' / 'ckpt_epoch_240.pth'), '--model_s', 'ShuffleV1',
-            '--distill', 'fsp', '--data_folder', str(cli_setup / 'data'), '--save_dir', str(tmp_path),
+    args = ['--path_t', str(cli_setup[1]), '--model_s', 'ShuffleV1',
+            '--distill', 'fsp', '--data_folder', cli_setup[0], '--save_dir', str(tmp_path),
             '--num_workers', '0', '--device', 'cpu', '--epochs', '1']
     assert train_student.cli(args) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -599,8 +593,8 @@ def test_cli_refuses_an_incompatible_fsp_pair_before_writing_anything(cli_setup,
 
 
 def test_resume_restores_the_initialised_modules_without_rerunning_the_init_stage(cli_setup, tmp_path, capsys):
-    args = ['--path_t', str(cli_setup / 'resnet14_vanilla' / 'ckpt_epoch_240.pth'), '--model_s', 'resnet8',
-            '--distill', 'factor', '--data_folder', str(cli_setup / 'data'), '--save_dir', str(tmp_path),
+    args = ['--path_t', str(cli_setup[1]), '--model_s', 'resnet8',
+            '--distill', 'factor', '--data_folder', cli_setup[0], '--save_dir', str(tmp_path),
             '--num_workers', '0', '--batch_size', '64', '--device', 'cpu', '--init_epochs', '1', '--print_freq', '1000']
     assert train_student.cli(args + ['--epochs', '1']) == 0
     assert 'init epoch [1/1]' in capsys.readouterr().out

@@ -15,27 +15,15 @@ from helper import letkd_offline
 from helper.letkd_offline import build_subclasses, subclass_prototypes, subclass_score_matrix
 from helper.util import count_params, load_checkpoint
 from models import create_model
-from tests.fixtures_data import write_cifar100
 
 FAST = ['--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--print_freq', '1000']
 SMALL_K = ['--k_penult', '16', '--k_inter', '2']
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('cifar')
-    write_cifar100(root, n_train_per_class=2, n_test_per_class=1)
-    return str(root)
-
-
-@pytest.fixture(scope='module')
-def teacher_ckpt(tmp_path_factory):
+def teacher_ckpt(vanilla_teacher):
     """A random resnet8 'published' teacher: <name>_vanilla/ckpt_epoch_240.pth holding {'model': state_dict}."""
-    folder = tmp_path_factory.mktemp('teachers') / 'resnet8_vanilla'
-    folder.mkdir()
-    torch.manual_seed(0)
-    torch.save({'model': create_model('resnet8', 100).state_dict()}, folder / 'ckpt_epoch_240.pth')
-    return folder / 'ckpt_epoch_240.pth'
+    return vanilla_teacher('resnet8')
 
 
 def offline_args(data_dir, teacher, save_dir, *extra):

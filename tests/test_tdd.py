@@ -304,14 +304,8 @@ def test_cache_is_reused_and_a_mismatching_file_is_refused(small_data, tmp_path,
 
 # ------------------------------------------------------------------------- end to end
 @pytest.fixture(scope='module')
-def cli_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('tdd_cifar')
-    write_cifar100(root, n_train_per_class=2, n_test_per_class=1)
-    torch.manual_seed(0)
-    folder = root / 'resnet14_vanilla'
-    folder.mkdir()
-    save_checkpoint({'model': create_model('resnet14', 100).state_dict()}, folder / 'ckpt_epoch_240.pth')
-    return root, folder / 'ckpt_epoch_240.pth'
+def cli_data(data_dir, vanilla_teacher):
+    return data_dir, vanilla_teacher('resnet14')
 
 
 def run_cli(cli_data, save_dir, *extra):
