@@ -24,6 +24,16 @@ class HintLoss(nn.Module):
         return F.mse_loss(f_s, f_t)
 
 
+def hint_regressor(student: nn.Module, teacher: nn.Module, hint_layer: int, image_size: int) -> ConvReg:
+    """The ``ConvReg`` from the student's feat[hint_layer] to the teacher's; UserError when either network
+    has no such feature map."""
+    f_s, f_t = probe_features(student, image_size), probe_features(teacher, image_size)
+    if not (hint_layer < len(f_s) - 1 and hint_layer < len(f_t) - 1):
+        raise UserError(f"--hint_layer {hint_layer} is not a feature map of both networks "
+                        f"(student has {len(f_s) - 1}, teacher {len(f_t) - 1} maps: indices 0..{min(len(f_s), len(f_t)) - 2})")
+    return ConvReg(f_s[hint_layer].shape, f_t[hint_layer].shape)
+
+
 class FitNetDistiller(Distiller):
     """``--distill hint``: MSE(ConvReg(feat_s[hint_layer]), feat_t[hint_layer]); the regressor is trainable."""
 
@@ -33,12 +43,7 @@ class FitNetDistiller(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
         super().__init__(student, teacher, opt)
         self.hint_layer = int(opt.hint_layer)
-        f_s = probe_features(student, self.image_size)
-        f_t = probe_features(teacher, self.image_size)
-        if not (self.hint_layer < len(f_s) - 1 and self.hint_layer < len(f_t) - 1):
-            raise UserError(f"--hint_layer {self.hint_layer} is not a feature map of both networks "
-                            f"(student has {len(f_s) - 1}, teacher {len(f_t) - 1} maps: indices 0..{min(len(f_s), len(f_t)) - 2})")
-        self.regressor = ConvReg(f_s[self.hint_layer].shape, f_t[self.hint_layer].shape)
+        self.regressor = hint_regressor(student, teacher, self.hint_layer, self.image_size)
         self.criterion = HintLoss()
 
     def method_loss(self, feat_s: list[torch.Tensor], feat_t: list[torch.Tensor], logit_s: torch.Tensor,

@@ -11,6 +11,10 @@ codebook at the penultimate place, an LDA projection + per-class sub-classes + a
 the intermediate one. Loss per KD layer: KL(p_T || softmax(scores)) averaged over the B*H*W positions.
 QUEST (distiller_zoo/quest.py) reuses the codebook, the predictor and the loss from here.
 README.md, "letKD: what is computed", states every formula and choice.
+
+Two variants exist for the supplementary's ablations (README, "Ablations"): ``letkd_inter`` (the
+intermediate KD layer alone, Table 5) and ``fitnet_kdlayer`` (FitNet's hint loss plus a penultimate KD
+layer whose KL weight ``--kd_layer_weight`` may be 0, Table 6).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from torch.utils.hooks import RemovableHandle
 
 from distiller_zoo.base import Distiller
 from distiller_zoo.deploy import register_deployable
+from distiller_zoo.FitNet import HintLoss, hint_regressor
 from helper.errors import UserError
 from helper.util import AverageMeter
 from models import create_model
@@ -347,7 +352,7 @@ def build_letkd_student(spec: dict[str, Any]) -> LetKDStudent:
 class QuantizedKD(Distiller):
     """What letKD-1/2 and QUEST share: the teacher's maps at the KD sites, average-pooled to the student's
     size, turned into per-position targets by the offline quantizers (``prepare``); one KL per site,
-    weighted by ``-b``; per-epoch metrics. Subclasses provide the student's scores per site.
+    weighted by ``kl_weight`` (``-b``); per-epoch metrics. Subclasses provide the student's scores per site.
 
     Loss names: ``kl_inter``, ``kl_penult``. Epoch metrics per site: ``kl_*`` (unweighted),
     ``agree_*`` (percent of positions where the student's top word is the teacher target's argmax),
@@ -374,6 +379,7 @@ class QuantizedKD(Distiller):
             quantizers['penult'] = CodebookQuantizer(opt.k_penult, teacher_shapes['penult'][0],
                                                      getattr(opt, self.tau_flag))
         self.quantizers = nn.ModuleDict(quantizers)
+        self.kl_weight = self.beta
         self.meters: dict[str, AverageMeter] = {}
 
     @staticmethod
@@ -400,18 +406,28 @@ class QuantizedKD(Distiller):
             self.quantizers[role].load(role_tensors)
 
     @torch.no_grad()
+    def teacher_features(self, image: Tensor) -> tuple[dict[str, Tensor], list[Tensor], Tensor]:
+        """The teacher's maps at the KD sites (pooled to the student's sizes), its feature list and its logits."""
+        with tap(self.teacher, self.teacher_sites) as maps:
+            feat_t, logit_t = self.teacher(image, is_feat=True)
+        return {role: pool_teacher_to(maps[role], self.pool_sizes[role]) for role in self.roles}, feat_t, logit_t
+
     def teacher_maps(self, image: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """The teacher's maps at the KD sites, pooled to the student's sizes, and its logits."""
-        with tap(self.teacher, self.teacher_sites) as maps:
-            logit_t = self.teacher(image)
-        return {role: pool_teacher_to(maps[role], self.pool_sizes[role]) for role in self.roles}, logit_t
+        maps, _, logit_t = self.teacher_features(image)
+        return maps, logit_t
 
     def kd_losses(self, logit_s: Tensor, scores: dict[str, Tensor], image: Tensor, target: Tensor
                   ) -> dict[str, Tensor]:
-        """CE (and logit KD when -a is non-zero) plus ``beta * KL`` per site; scores: role -> (B, K, H, W)."""
+        """CE (and logit KD when -a is non-zero) plus ``kl_weight * KL`` per site; scores: role -> (B, K, H, W)."""
+        maps, logit_t = self.teacher_maps(image)
+        return self.site_losses(logit_s, logit_t, scores, maps, target)
+
+    def site_losses(self, logit_s: Tensor, logit_t: Tensor, scores: dict[str, Tensor], maps: dict[str, Tensor],
+                    target: Tensor) -> dict[str, Tensor]:
+        """``kd_losses`` from the teacher's pooled site maps and logits computed by the caller."""
         if not all(q.loaded for q in self.quantizers.values()):
             raise RuntimeError('the teacher quantizers are not loaded: call prepare() first')
-        maps, logit_t = self.teacher_maps(image)
         losses = self.logit_losses(logit_s, logit_t, target)
         for role in self.roles:
             height, width = maps[role].shape[2:]
@@ -419,7 +435,7 @@ class QuantizedKD(Distiller):
             p_t, hard = self.quantizers[role](flatten_positions(maps[role]), labels)
             s = flatten_positions(scores[role])
             kl = position_kl(s, p_t)
-            losses[f'kl_{role}'] = self.beta * kl
+            losses[f'kl_{role}'] = self.kl_weight * kl
             self._record(role, kl, s, p_t, hard)
         return losses
 
@@ -493,3 +509,47 @@ class LetKD2(LetKD1):
 
     name = 'letkd2'
     roles = ('inter', 'penult')
+
+
+class LetKDInter(LetKD1):
+    """letKD with the intermediate KD layer alone (``--distill letkd_inter``; supplementary Table 5).
+
+    The sub-class KD layer of letKD-2 (``--k_inter``, ``--alpha_inter``, ``--lda_dim``), no penultimate layer.
+    """
+
+    name = 'letkd_inter'
+    roles = ('inter',)
+
+
+class FitNetKDLayer(LetKD1):
+    """FitNet plus a penultimate KD layer (``--distill fitnet_kdlayer``; supplementary Table 6).
+
+    Loss: ``-r`` CE + ``-b`` FitNet hint (``HintLoss`` between a trainable ``ConvReg`` of the student's
+    ``feat[--hint_layer]`` and the teacher's; published -b 100) + ``--kd_layer_weight`` x the KD layer's KL.
+    ``--kd_layer_weight 0`` keeps the layer in the network (capacity) without its supervision. The deployed
+    student is letKD-1's (backbone + KD layer); the regressor is dropped, as in FitNet.
+    """
+
+    name = 'fitnet_kdlayer'
+    default_weights = (1.0, 0.0, 100.0)
+
+    @classmethod
+    def check_options(cls, opt: Namespace) -> None:
+        super().check_options(opt)
+        if opt.kd_layer_weight < 0:
+            raise UserError(f"--kd_layer_weight must be >= 0, got {opt.kd_layer_weight}")
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace) -> None:
+        self.check_options(opt)
+        super().__init__(student, teacher, opt)
+        self.kl_weight = float(opt.kd_layer_weight)
+        self.hint_layer = int(opt.hint_layer)
+        self.regressor = hint_regressor(self.student, teacher, self.hint_layer, self.image_size)
+        self.hint_loss = HintLoss()
+
+    def forward_train(self, image: Tensor, target: Tensor, **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        feat_s, logits = self.student(image, is_feat=True)
+        maps, feat_t, logit_t = self.teacher_features(image)
+        losses = self.site_losses(logits, logit_t, self.student.scores, maps, target)
+        losses['hint'] = self.beta * self.hint_loss(self.regressor(feat_s[self.hint_layer]), feat_t[self.hint_layer])
+        return logits, losses

@@ -23,7 +23,7 @@ from distiller_zoo.SP import SPDistiller
 from distiller_zoo.VID import VIDDistiller
 from distiller_zoo.DKD import DKD
 from distiller_zoo.crd import CRD
-from distiller_zoo.letkd import LetKD1, LetKD2
+from distiller_zoo.letkd import FitNetKDLayer, LetKD1, LetKD2, LetKDInter
 from distiller_zoo.logit_kd import KD, Vanilla
 from distiller_zoo.quest import QUEST
 from distiller_zoo.simkd import SimKDDistiller
@@ -57,6 +57,9 @@ DISTILLERS: dict[str, type[Distiller]] = {
     'letkd1': LetKD1,
     'letkd2': LetKD2,
     'quest': QUEST,
+    # letKD ablation variants (supplementary Tables 5 and 6)
+    'letkd_inter': LetKDInter,
+    'fitnet_kdlayer': FitNetKDLayer,
 }
 
 # other accepted spellings -> canonical name

@@ -40,15 +40,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from dataset import DATASETS, get_dataloaders  # noqa: E402
 from distiller_zoo.letkd import (DEFAULT_MAX_POSITIONS, KD_SITES, ROLES, flatten_positions, kd_sites,  # noqa: E402
                                  lda_project, nearest_subclass_of_class, pair_shapes, pool_teacher_to, tap)
 from helper.errors import UserError  # noqa: E402
 from helper.options import run_cli, teacher_name_from_path  # noqa: E402
-from helper.util import (load_checkpoint, load_weights, resolve_device, save_checkpoint,  # noqa: E402
-                         state_dict_from_checkpoint)
+from helper.util import (file_sha256, load_checkpoint, load_weights, progress, resolve_device,  # noqa: E402
+                         save_checkpoint, state_dict_from_checkpoint)
 from models import create_model, model_dict  # noqa: E402
 
 FORMAT_VERSION = 1
@@ -108,7 +107,7 @@ def collect_features(teacher: nn.Module, teacher_arch: str, roles: tuple[str, ..
     teacher.eval()
     sinks: dict[str, _PositionSink] = {}
     with tap(teacher, kd_sites(teacher_arch, roles)) as maps:
-        for batch in tqdm(loader, desc='teacher features', leave=False, dynamic_ncols=True, file=sys.stderr):
+        for batch in progress(loader, 'teacher features'):
             teacher(batch[0].to(device))
             for role in roles:
                 t = pool_teacher_to(maps[role], pool_sizes[role])
@@ -197,7 +196,7 @@ def build_subclasses(features: np.ndarray, labels: np.ndarray, num_classes: int,
     use_gpu = device.type == 'cuda'
     labels_t = torch.from_numpy(labels)
     centroids = torch.zeros(num_classes * k_inter, n_comp)
-    for c in tqdm(range(num_classes), desc='sub-class k-means', leave=False, dynamic_ncols=True, file=sys.stderr):
+    for c in progress(range(num_classes), 'sub-class k-means'):
         class_centroids, _ = kmeans(z[labels_t == c].numpy(), k_inter, seed, use_gpu)
         centroids[c * k_inter:(c + 1) * k_inter] = torch.from_numpy(class_centroids)
 
@@ -212,14 +211,6 @@ def build_subclasses(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 
 # ---------------------------------------------------------------------------------------------- cache
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def expected_meta(role: str, *, teacher_sha256: str, teacher_arch: str, dataset: str, n_images: int,
                   num_classes: int, pool_size: tuple[int, int], settings: OfflineSettings) -> dict[str, Any]:

@@ -24,8 +24,8 @@ import train_teacher  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--save_dir', default='./save/quickstart')
-    parser.add_argument('--epochs', type=int, default=12, help='epochs of every run')
-    parser.add_argument('--teacher', default='resnet32')
+    parser.add_argument('--epochs', type=int, default=8, help='epochs of every run')
+    parser.add_argument('--teacher', default='resnet20')
     parser.add_argument('--student', default='resnet8')
     parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     parser.add_argument('--seed', type=int, default=0)
