@@ -12,7 +12,6 @@ import tarfile
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -20,7 +19,7 @@ from torchvision import transforms
 from helper.errors import UserError
 
 from .common import normalized_tensor, padded_random_crop
-from .sampling import ContrastiveIndexSampler
+from .sampling import ContrastiveIndexSampler, ContrastiveSampling
 
 MEAN = (0.5071, 0.4867, 0.4408)
 STD = (0.2675, 0.2565, 0.2761)
@@ -114,7 +113,7 @@ class CIFAR100Instance(CIFAR100):
         return img, target, index
 
 
-class CIFAR100InstanceSample(CIFAR100):
+class CIFAR100InstanceSample(ContrastiveSampling, CIFAR100):
     """CIFAR100 for CRD: items are (img, target, index, sample_idx), sample_idx int64 of shape (k+1,).
 
     sample_idx[0] is the positive (the item itself for mode='exact', a random same-class sample
@@ -143,23 +142,9 @@ class CIFAR100InstanceSample(CIFAR100):
         self.is_sample = is_sample
         self.sampler = ContrastiveIndexSampler(self.targets, k=k, mode=mode, percent=percent, seed=seed)
 
-    @property
-    def cls_positive(self) -> list[np.ndarray]:
-        return self.sampler.cls_positive
-
-    @property
-    def cls_negative(self) -> list[np.ndarray]:
-        return self.sampler.cls_negative
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select this epoch's negatives; call before creating the epoch's iterator."""
-        self.sampler.set_epoch(epoch)
-
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         img, target = super().__getitem__(index)
-        if not self.is_sample:
-            return img, target, index
-        return img, target, index, self.sampler(index)
+        return self.contrastive_item(img, target, index)
 
 
 def get_cifar100_datasets(

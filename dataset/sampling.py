@@ -129,7 +129,35 @@ class IndexedDataset(_Wrapper):
         return img, target, index
 
 
-class ContrastiveSampleDataset(_Wrapper):
+class ContrastiveSampling:
+    """The CRD side of a dataset: ``self.sampler`` (a ContrastiveIndexSampler) and ``self.is_sample``.
+
+    ``contrastive_item(img, target, index)`` gives (img, target, index, sample_idx), or (img, target,
+    index) when is_sample is False.
+    """
+
+    sampler: ContrastiveIndexSampler
+    is_sample: bool
+
+    @property
+    def cls_positive(self) -> list[np.ndarray]:
+        return self.sampler.cls_positive
+
+    @property
+    def cls_negative(self) -> list[np.ndarray]:
+        return self.sampler.cls_negative
+
+    def set_epoch(self, epoch: int) -> None:
+        """New negatives (and relax-mode positives) for this epoch; call before iterating."""
+        self.sampler.set_epoch(epoch)
+
+    def contrastive_item(self, img: Any, target: Any, index: int) -> tuple[Any, ...]:
+        if not self.is_sample:
+            return img, target, index
+        return img, target, index, self.sampler(index)
+
+
+class ContrastiveSampleDataset(ContrastiveSampling, _Wrapper):
     """Wraps a dataset of (img, target) items that exposes integer `targets` for CRD.
 
     Items are (img, target, index, sample_idx) with sample_idx of shape (k+1,) int64 as drawn by
@@ -152,20 +180,6 @@ class ContrastiveSampleDataset(_Wrapper):
         self.is_sample = is_sample
         self.sampler = ContrastiveIndexSampler(targets, k=k, mode=mode, percent=percent, seed=seed)
 
-    @property
-    def cls_positive(self) -> list[np.ndarray]:
-        return self.sampler.cls_positive
-
-    @property
-    def cls_negative(self) -> list[np.ndarray]:
-        return self.sampler.cls_negative
-
-    def set_epoch(self, epoch: int) -> None:
-        """New negatives (and relax-mode positives) for this epoch; call before iterating."""
-        self.sampler.set_epoch(epoch)
-
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         img, target = self.base[index][:2]
-        if not self.is_sample:
-            return img, target, index
-        return img, target, index, self.sampler(index)
+        return self.contrastive_item(img, target, index)

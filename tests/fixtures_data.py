@@ -309,3 +309,21 @@ def write_vanilla_teacher(root: str | Path, name: str, num_classes: int = 100, s
     path = folder / "ckpt_epoch_240.pth"
     torch.save({"model": create_model(name, num_classes).state_dict()}, path)
     return path
+
+
+def train_on_fixed_batch(distiller, x, y, steps: int = 15, lr: float = 0.05) -> list[dict[str, float]]:
+    """``steps`` SGD steps (momentum 0.9) of ``distiller.forward_train`` on one batch; per step the
+    value of every named loss and of their sum under 'total'."""
+    import torch
+
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=lr, momentum=0.9)
+    distiller.train()
+    history = []
+    for _ in range(steps):
+        _, losses = distiller.forward_train(x, y)
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append({'total': loss.item(), **{k: v.item() for k, v in losses.items()}})
+    return history

@@ -9,6 +9,7 @@ import torch.nn as nn
 from distiller_zoo import DistillKL, build_distiller
 from helper.errors import UserError
 from models import create_model
+from tests.fixtures_data import train_on_fixed_batch
 
 
 def opt(**kw):
@@ -59,17 +60,8 @@ def test_kd_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
     student, teacher = create_model('resnet8', 10), create_model('resnet8', 10)
     distiller = build_distiller('kd', student, teacher, opt(gamma=0.1, alpha=0.9))
-    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    distiller.train()
-    history = []
-    for _ in range(15):
-        _, losses = distiller.forward_train(x, y)
-        loss = sum(losses.values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = [step['total'] for step in train_on_fixed_batch(distiller, x, y)]
     assert history[-1] < 0.7 * history[0]
 
 

@@ -16,6 +16,7 @@ from distiller_zoo.letkd import (KD_SITES, CosineConv1x1, KDLayer, LetKDStudent,
 from helper.errors import UserError
 from helper.util import count_params, save_checkpoint
 from models import create_model, model_dict
+from tests.fixtures_data import train_on_fixed_batch
 
 
 def opt(**kw):
@@ -283,17 +284,8 @@ def test_gradients_reach_student_and_kd_layers_not_teacher_or_quantizers():
 
 def test_letkd2_loss_decreases_on_a_fixed_batch():
     d = make('letkd2', num_classes=10)
-    optimizer = torch.optim.SGD(d.trainable_parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    d.train()
-    history = []
-    for _ in range(15):
-        _, losses = d.forward_train(x, y)
-        loss = sum(losses.values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history = [step['total'] for step in train_on_fixed_batch(d, x, y)]
     assert history[-1] < 0.7 * history[0]
 
 

@@ -16,7 +16,7 @@ from distiller_zoo.tdd import (TDD, TDDCRD, class_tree_partition, cut_tree, knn_
 from helper.errors import UserError
 from helper.util import load_checkpoint, save_checkpoint
 from models import create_model
-from tests.fixtures_data import write_cifar100
+from tests.fixtures_data import train_on_fixed_batch, write_cifar100
 
 FAST = ['--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--print_freq', '1000']
 
@@ -154,18 +154,9 @@ def test_heads_get_gradients_the_teacher_does_not_and_are_not_deployed():
 def test_loss_decreases_on_a_fixed_batch():
     distiller = build()
     distiller.set_partitions([modulo_partition(10, m) for m in (2, 5, 10)])
-    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    distiller.train()
-    total, decision = [], []
-    for _ in range(15):
-        _, losses = distiller.forward_train(x, y)
-        loss = sum(losses.values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        total.append(loss.item())
-        decision.append(losses['tdd'].item())
+    history = train_on_fixed_batch(distiller, x, y)
+    total, decision = [s['total'] for s in history], [s['tdd'] for s in history]
     assert total[-1] < 0.7 * total[0]
     assert decision[-1] < 0.8 * decision[0]
 
