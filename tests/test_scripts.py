@@ -167,3 +167,15 @@ def test_launcher_runs_skips_and_resumes(tmp_path, cifar, monkeypatch):
     assert len((student_dir / 'metrics.jsonl').read_text().splitlines()) == len(metrics) == 2
     assert '--resume' in (log / f'{student_dir.name}.log').read_text()
     assert not (log / f'{launch.run_dir_of(shlex.split(teacher)).name}.log').exists()   # finished: skipped
+
+
+def test_bench_kd_layer_reports_parameters_and_time_ratios(capsys):
+    from scripts import bench_kd_layer
+    assert bench_kd_layer.main(['--students', 'resnet20', '--k_penult', '16', '--k_inter', '2', '--batch_size', '2',
+                                '--repeats', '1', '--warmup', '0', '--device', 'cpu']) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith('| resnet20 | 16 |'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    # letKD-1 adds predictor (16x64 + scale), BN(16) and value (64x16 + scale): 2,082 parameters
+    assert cells[2] == '0.278 M' and cells[3] == '+0.002 M'
+    assert all(float(c) > 0 for c in cells[5:])          # ms per batch and the three time ratios
