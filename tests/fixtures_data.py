@@ -327,3 +327,20 @@ def train_on_fixed_batch(distiller, x, y, steps: int = 15, lr: float = 0.05) -> 
         optimizer.step()
         history.append({'total': loss.item(), **{k: v.item() for k, v in losses.items()}})
     return history
+
+
+def load_random_quantizers(distiller, n_comp: int = 5, seed: int = 0) -> None:
+    """Fill a letKD/QUEST Distiller's quantizers with random tensors of the right shapes (random
+    centroids, LDA scalings/xbar, row-stochastic s_T), instead of running the offline step."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for role, quantizer in distiller.quantizers.items():
+        dim = distiller.teacher_shapes[role][0]
+        if role == 'penult':
+            quantizer.load({'centroids': torch.rand(quantizer.centroids.shape[0], dim, generator=g)})
+        else:
+            s = quantizer.num_subclasses
+            quantizer.load({'scalings': torch.randn(dim, n_comp, generator=g), 'xbar': torch.rand(dim, generator=g),
+                            'centroids': torch.randn(s, n_comp, generator=g),
+                            'scores': torch.rand(s, s, generator=g).softmax(1)})

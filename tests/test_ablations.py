@@ -18,7 +18,7 @@ from helper.util import load_checkpoint, save_checkpoint
 from models import create_model
 from scripts import launch
 from scripts.ablations import common, fitnet_kd_layer, k_inter_sweep, lda_probe, parts_grid, subclass_picture
-from tests.fixtures_data import write_cifar100
+from tests.fixtures_data import load_random_quantizers, write_cifar100
 
 
 # ---------------------------------------------------------------------------------------------- the variants
@@ -38,20 +38,6 @@ def build(method, **kw):
     return build_distiller(method, create_model(o.model_s, o.num_classes), create_model(o.model_t, o.num_classes), o)
 
 
-def load_quantizers(d, n_comp=3):
-    """Random quantizer tensors of the right shapes (the offline step is tested in test_letkd_offline.py)."""
-    g = torch.Generator().manual_seed(1)
-    for role, q in d.quantizers.items():
-        dim = d.teacher_shapes[role][0]
-        if role == 'penult':
-            q.load({'centroids': torch.rand(q.centroids.shape[0], dim, generator=g)})
-        else:
-            s = q.num_subclasses
-            q.load({'scalings': torch.randn(dim, n_comp, generator=g), 'xbar': torch.rand(dim, generator=g),
-                    'centroids': torch.randn(s, n_comp, generator=g),
-                    'scores': torch.rand(s, s, generator=g).softmax(1)})
-
-
 def batch(n=2, classes=5):
     torch.manual_seed(2)
     return torch.randn(n, 3, 32, 32), torch.arange(n) % classes
@@ -59,7 +45,7 @@ def batch(n=2, classes=5):
 
 def test_letkd_inter_has_only_the_intermediate_layer_and_its_kl():
     d = build('letkd_inter', model_s='resnet20', model_t='resnet14', alpha_inter=0.5)
-    load_quantizers(d)
+    load_random_quantizers(d, n_comp=3, seed=1)
     assert canonical_name('letkd_inter') == 'letkd_inter'
     assert list(d.student.kd_layers) == ['inter'] and list(d.quantizers) == ['inter']
     assert d.student.kd_layers['inter'].num_words == 5 * 2 and d.student.kd_layers['inter'].alpha == 0.5
@@ -93,7 +79,7 @@ def test_letkd_inter_has_only_the_intermediate_layer_and_its_kl():
 
 def test_fitnet_kdlayer_adds_the_hint_and_weights_the_kl():
     d = build('fitnet_kdlayer', model_s='resnet8', model_t='resnet14', beta=100.0, kd_layer_weight=0.0)
-    load_quantizers(d)
+    load_random_quantizers(d, n_comp=3, seed=1)
     assert list(d.student.kd_layers) == ['penult'] and d.kl_weight == 0.0 and d.beta == 100.0
     image, target = batch()
     logits, losses = d.forward_train(image, target)
@@ -120,7 +106,7 @@ def test_fitnet_kdlayer_adds_the_hint_and_weights_the_kl():
     assert not any(k.startswith('regressor') for k in d.deployable().state_dict())   # dropped at test time
 
     supervised = build('fitnet_kdlayer', model_s='resnet8', model_t='resnet14', beta=100.0, kd_layer_weight=1.0)
-    load_quantizers(supervised)
+    load_random_quantizers(supervised, n_comp=3, seed=1)
     _, sup_losses = supervised.forward_train(image, target)
     sup_losses['kl_penult'].backward()
     assert supervised.student.kd_layers['penult'].predictor.weight.grad.abs().sum() > 0

@@ -16,7 +16,7 @@ from distiller_zoo.letkd import (KD_SITES, CosineConv1x1, KDLayer, LetKDStudent,
 from helper.errors import UserError
 from helper.util import count_params, save_checkpoint
 from models import create_model, model_dict
-from tests.fixtures_data import train_on_fixed_batch
+from tests.fixtures_data import load_random_quantizers, train_on_fixed_batch
 
 
 def opt(**kw):
@@ -25,20 +25,6 @@ def opt(**kw):
                 num_classes=100, image_size=32, dataset='cifar100', path_t=None, model_s='resnet8', model_t='resnet8')
     base.update(kw)
     return argparse.Namespace(**base)
-
-
-def load_random_quantizers(distiller, n_comp=5, seed=0):
-    """Quantizer tensors of the right shapes (random centroids, random row-stochastic s_T)."""
-    g = torch.Generator().manual_seed(seed)
-    for role, quantizer in distiller.quantizers.items():
-        dim = distiller.teacher_shapes[role][0]
-        if role == 'penult':
-            quantizer.load({'centroids': torch.rand(quantizer.centroids.shape[0], dim, generator=g)})
-        else:
-            s = quantizer.num_subclasses
-            quantizer.load({'scalings': torch.randn(dim, n_comp, generator=g), 'xbar': torch.rand(dim, generator=g),
-                            'centroids': torch.randn(s, n_comp, generator=g),
-                            'scores': torch.rand(s, s, generator=g).softmax(1)})
 
 
 def make(method, model_t='resnet8', model_s='resnet8', num_classes=100, **kw):
