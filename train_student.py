@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-import torch.nn as nn
-
 from dataset import get_dataloaders
-from distiller_zoo.letkd import DEFAULT_MAX_POSITIONS
-from distiller_zoo.registry import ALIASES, DISTILLERS, canonical_name
+from distiller_zoo.registry import ALIASES, DISTILLERS, add_method_arguments, canonical_name
 from helper.errors import UserError
 from helper.loops import validate
-from helper.options import (add_common_arguments, finalize_common, run_cli, student_folder_name,
-                            teacher_name_from_path)
+from helper.options import (ResolvedOptions, add_common_arguments, freeze, resolve_common, run_cli,
+                            student_folder_name, teacher_name_from_path, updated)
 from helper.run import RunConfig, check_run_dir, create_run_dir, fit
-from helper.util import (count_params, load_checkpoint, load_weights, resolve_device, save_json, seed_everything,
-                         state_dict_from_checkpoint)
+from helper.util import count_params, load_teacher, resolve_device, save_json, seed_everything
 from models import create_model, model_dict
 
 # CIFAR-100 top-1 of RepDistiller's published teachers (its README); used to flag a broken load.
@@ -33,6 +30,7 @@ TEACHER_ACC_TOLERANCE = 2.0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """The student CLI's flags: models and weights here, each method's own flags from its file (registry)."""
     parser = argparse.ArgumentParser(description='Distil a teacher into a student.')
     g = parser.add_argument_group('models and method')
     g.add_argument('--model_s', type=str, default='resnet8', help=f"student; one of: {', '.join(model_dict)}")
@@ -45,94 +43,55 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('-a', '--alpha', type=float, default=None, help="weight of logit KD; default: the method's published value")
     g.add_argument('-b', '--beta', type=float, default=None, help="weight of the method's loss; default: its published value")
     g.add_argument('--kd_T', type=float, default=4, help='temperature of logit KD')
-    g.add_argument('--init_epochs', type=int, default=30, help='init-stage epochs of abound, factor, fsp')
-    g.add_argument('--hint_layer', type=int, default=2, choices=range(5), help='FitNet feature index')
-    g = parser.add_argument_group('CRD')
-    g.add_argument('--feat_dim', type=int, default=128, help='embedding size of CRD and CC')
-    g.add_argument('--mode', type=str, default='exact', choices=('exact', 'relax'), help='CRD positive sampling')
-    g.add_argument('--nce_k', type=int, default=16384, help='CRD negatives per anchor')
-    g.add_argument('--nce_t', type=float, default=0.07, help='CRD temperature')
-    g.add_argument('--nce_m', type=float, default=0.5, help='CRD memory momentum')
-    g = parser.add_argument_group('DKD')
-    g.add_argument('--dkd_alpha', type=float, default=1.0, help='DKD weight of TCKD')
-    g.add_argument('--dkd_beta', type=float, default=8.0, help='DKD weight of NCKD (per pair: README, Methods)')
-    g.add_argument('--dkd_T', type=float, default=4.0, help='DKD temperature')
-    g.add_argument('--dkd_warmup', type=int, default=20, help='epochs of linear DKD warm-up (0: none)')
-    g = parser.add_argument_group('SimKD')
-    g.add_argument('--simkd_factor', type=int, default=2, help="SimKD projector's bottleneck factor (t_n / factor)")
-    g = parser.add_argument_group('TDD')
-    g.add_argument('--tdd_threshold', type=float, default=0.2,
-                   help='kNN purity below which a class-tree node becomes one coarse group')
-    g.add_argument('--tdd_knn', type=int, default=20, help='neighbours of the kNN purity of a tree node')
-    g.add_argument('--crd_weight', type=float, default=0.8, help='weight of the CRD term of tdd_crd (TDD+CRD)')
-    g = parser.add_argument_group('letKD / QUEST')
-    g.add_argument('--k_penult', type=int, default=4096, help='words of the penultimate codebook (k-means K)')
-    g.add_argument('--k_inter', type=int, default=8, help='sub-classes per class at the intermediate layer (letkd2)')
-    g.add_argument('--lda_dim', type=int, default=60, help='LDA components kept at the intermediate layer (fewer if the rank is smaller)')
-    g.add_argument('--alpha_penult', type=float, default=None,
-                   help="weight of the penultimate KD layer's value; default per pair: 1, ResNet50->MobileNetV2 "
-                        "0.1 (cifar100) / 0.5 (tinyimagenet)")
-    g.add_argument('--alpha_inter', type=float, default=None,
-                   help="weight of the intermediate KD layer's value; default per pair: 1, ResNet50->MobileNetV2 "
-                        "0.2 (cifar100) / 1 (tinyimagenet)")
-    g.add_argument('--letkd_tau', type=float, default=1.0, help='letKD: teacher codebook targets softmax(-tau * squared distance)')
-    g.add_argument('--quest_tau', type=float, default=5.0, help='QUEST: the same tau, with QuEST\'s default')
-    g.add_argument('--quantizer_seed', type=int, default=0,
-                   help='seed of the offline quantizers (k-means, position sampling); the same for every trial')
-    g.add_argument('--max_positions', type=int, default=DEFAULT_MAX_POSITIONS,
-                   help='offline quantizers sample at most this many teacher positions per layer')
-    g.add_argument('--kd_layer_weight', type=float, default=1.0,
-                   help="fitnet_kdlayer: weight of the KD layer's KL loss (0: the layer without supervision); "
-                        "-b weights FitNet's hint loss")
+    add_method_arguments(parser)
     add_common_arguments(parser)
     return parser
 
 
-def load_teacher(path: str, model_name: str, num_classes: int, trust: bool) -> nn.Module:
-    """Build ``model_name`` and load the checkpoint strictly (CPU map_location; weights_only unless trusted)."""
-    ckpt = load_checkpoint(path, map_location='cpu', trust=trust)
-    model = create_model(model_name, num_classes=num_classes)
-    load_weights(model, state_dict_from_checkpoint(ckpt, path), model_name, path)
-    return model
-
-
-def resolve_run_dir(opt: argparse.Namespace) -> Path:
-    """Resolve the derived flags (method alias, teacher name, published weights, lr, seed) in place and
-    return the run folder. Reads no file, so scripts/launch.py can name runs before their teacher exists."""
-    opt.distill = canonical_name(opt.distill)
+def resolve_options(parsed: argparse.Namespace) -> ResolvedOptions:
+    """The run's options, checked and complete: method alias, teacher name, the method's published weights
+    and per-pair defaults, lr, seed. Reads no file (scripts/launch.py names runs before their teacher exists);
+    the result is read-only and is what args.json records (with the data's facts)."""
+    opt = updated(parsed, distill=canonical_name(parsed.distill))
     method = DISTILLERS[opt.distill]
+    if opt.model_s not in model_dict:
+        raise UserError(f"unknown --model_s {opt.model_s!r}; choose one of: {', '.join(model_dict)}")
     if not method.needs_teacher:
-        opt.model_t = opt.model_t or 'none'
+        opt = updated(opt, model_t=opt.model_t or 'none')
     elif opt.model_t is None and opt.path_t is not None:
-        opt.model_t = teacher_name_from_path(opt.path_t)
-    for flag, value in zip(('gamma', 'alpha', 'beta'), method.default_weights):
-        if getattr(opt, flag) is None:
-            setattr(opt, flag, value)
-    finalize_common(opt, opt.model_s)
+        opt = updated(opt, model_t=teacher_name_from_path(opt.path_t))
+    if method.needs_teacher and opt.model_t is not None and opt.model_t not in model_dict:
+        raise UserError(f"cannot use teacher architecture {opt.model_t!r} (from --model_t or the folder of "
+                        f"{opt.path_t}); pass --model_t with one of: {', '.join(model_dict)}")
+    opt = resolve_common(opt, opt.model_s)
+    return freeze(method.resolve_options(opt))
+
+
+def run_folder(opt: argparse.Namespace) -> Path:
+    """The run folder of resolved options: <save_dir>/student_model/S:<s>_T:<t>_..."""
     return Path(opt.save_dir) / 'student_model' / student_folder_name(opt)
 
 
-def check_models(opt: argparse.Namespace, needs_teacher: bool) -> None:
-    """The student and teacher names exist and the teacher file is there (UserError otherwise)."""
-    if opt.model_s not in model_dict:
-        raise UserError(f"unknown --model_s {opt.model_s!r}; choose one of: {', '.join(model_dict)}")
-    if not needs_teacher:
-        return
+def resolve_run_dir(parsed: argparse.Namespace) -> Path:
+    """The run folder of a parsed command line (resolves a copy of the options; reads no file)."""
+    return run_folder(resolve_options(parsed))
+
+
+def check_teacher_file(opt: argparse.Namespace) -> None:
+    """The teacher checkpoint is given and exists (UserError otherwise)."""
     if opt.path_t is None:
         raise UserError(f"--distill {opt.distill} needs a teacher: pass --path_t")
     if not Path(opt.path_t).is_file():
         raise UserError(f"teacher checkpoint not found: {opt.path_t}")
-    if opt.model_t not in model_dict:
-        raise UserError(f"cannot use teacher architecture {opt.model_t!r} (from --model_t or the folder of "
-                        f"{opt.path_t}); pass --model_t with one of: {', '.join(model_dict)}")
 
 
-def main(opt: argparse.Namespace) -> dict:
+def main(parsed: argparse.Namespace) -> dict:
     """Validate everything, prepare the method, then create the run folder and train. Returns the summary."""
-    run_dir = resolve_run_dir(opt)
+    opt = resolve_options(parsed)
+    run_dir = run_folder(opt)
     method = DISTILLERS[opt.distill]
-    check_models(opt, method.needs_teacher)
-    method.check_options(opt)
+    if method.needs_teacher:
+        check_teacher_file(opt)
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
     device = resolve_device(opt.device)
 
@@ -140,13 +99,12 @@ def main(opt: argparse.Namespace) -> dict:
     data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode=method.data_mode,
                            pad_mode=opt.pad_mode, download=opt.download, seed=opt.seed, nce_k=opt.nce_k,
                            crd_mode=opt.mode, pin_memory=device.type == 'cuda')
-    opt.num_classes, opt.n_data, opt.image_size = data.num_classes, data.n_data, data.image_size
     teacher = None
     if method.needs_teacher:
         print(f'==> loading teacher {opt.model_t} from {opt.path_t}')
         teacher = load_teacher(opt.path_t, opt.model_t, data.num_classes, opt.trust_checkpoint).to(device)
     student = create_model(opt.model_s, num_classes=data.num_classes).to(device)
-    distiller = method(student, teacher, opt).to(device)
+    distiller = method(student, teacher, opt, data.info).to(device)
 
     teacher_acc = None
     if teacher is not None:
@@ -160,7 +118,7 @@ def main(opt: argparse.Namespace) -> dict:
 
     create_run_dir(run_dir, overwrite=opt.overwrite)
     if not opt.resume:
-        save_json(vars(opt), run_dir / 'args.json')
+        save_json({**vars(opt), **asdict(data.info)}, run_dir / 'args.json')
     deployed = distiller.deployable()
     print(f'==> {opt.distill}: {opt.model_t} -> {opt.model_s} on {opt.dataset} ({device}); '
           f'deployed student {count_params(deployed):,} params; run folder {run_dir}')

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from dataset import get_dataloaders
 from distiller_zoo.logit_kd import Vanilla
 from helper.errors import UserError
-from helper.options import add_common_arguments, finalize_common, run_cli, teacher_folder_name
+from helper.options import (ResolvedOptions, add_common_arguments, freeze, resolve_common, run_cli,
+                            teacher_folder_name, updated)
 from helper.run import RunConfig, check_run_dir, create_run_dir, fit
 from helper.util import resolve_device, save_json, seed_everything
 from models import create_model, model_dict
@@ -28,18 +30,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_run_dir(opt: argparse.Namespace) -> Path:
-    """Resolve the derived flags (lr, seed) in place and return the run folder; reads no file."""
-    finalize_common(opt, opt.model)
-    opt.gamma, opt.alpha, opt.beta, opt.kd_T = 1.0, 0.0, 0.0, 4.0
+def resolve_options(parsed: argparse.Namespace) -> ResolvedOptions:
+    """The run's options, checked and complete (lr, seed; CE alone: -r 1 -a 0 -b 0); reads no file."""
+    if parsed.model not in model_dict:
+        raise UserError(f"unknown --model {parsed.model!r}; choose one of: {', '.join(model_dict)}")
+    opt = resolve_common(parsed, parsed.model)
+    return freeze(updated(opt, gamma=1.0, alpha=0.0, beta=0.0, kd_T=4.0))
+
+
+def run_folder(opt: argparse.Namespace) -> Path:
+    """The run folder of resolved options: <save_dir>/models/<model>_<dataset>_lr_<lr>_decay_<wd>_trial_<trial>."""
     return Path(opt.save_dir) / 'models' / teacher_folder_name(opt)
 
 
-def main(opt: argparse.Namespace) -> dict:
+def resolve_run_dir(parsed: argparse.Namespace) -> Path:
+    """The run folder of a parsed command line (resolves a copy of the options; reads no file)."""
+    return run_folder(resolve_options(parsed))
+
+
+def main(parsed: argparse.Namespace) -> dict:
     """Validate everything, then create the run folder and train. Returns the run summary."""
-    if opt.model not in model_dict:
-        raise UserError(f"unknown --model {opt.model!r}; choose one of: {', '.join(model_dict)}")
-    run_dir = resolve_run_dir(opt)
+    opt = resolve_options(parsed)
+    run_dir = run_folder(opt)
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
     device = resolve_device(opt.device)
 
@@ -47,13 +59,12 @@ def main(opt: argparse.Namespace) -> dict:
     data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode='plain',
                            pad_mode=opt.pad_mode, download=opt.download, seed=opt.seed,
                            pin_memory=device.type == 'cuda')
-    opt.num_classes, opt.n_data, opt.image_size = data.num_classes, data.n_data, data.image_size
     model = create_model(opt.model, num_classes=data.num_classes)
-    distiller = Vanilla(model, None, opt).to(device)
+    distiller = Vanilla(model, None, opt, data.info).to(device)
 
     create_run_dir(run_dir, overwrite=opt.overwrite)
     if not opt.resume:
-        save_json(vars(opt), run_dir / 'args.json')
+        save_json({**vars(opt), **asdict(data.info)}, run_dir / 'args.json')
     print(f'==> training {opt.model} on {opt.dataset} ({data.n_data} images, {data.num_classes} classes) '
           f'on {device}; run folder {run_dir}')
     summary = {'distill': 'ce', 'model_s': opt.model, 'model_t': None, 'dataset': opt.dataset, 'trial': opt.trial}

@@ -1,7 +1,7 @@
 """CRD: Tian et al., "Contrastive Representation Distillation" (ICLR 2020). RepDistiller's names and numbers."""
 from __future__ import annotations
 
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,16 @@ class ContrastLoss(nn.Module):
         log_d1 = torch.log(positive / (positive + (noise + EPS)))
         log_d0 = torch.log(torch.full_like(negative, noise) / (negative + (noise + EPS)))
         return -(log_d1.sum() + log_d0.sum()) / batch
+
+
+def add_crd_arguments(parser: ArgumentParser) -> None:
+    """CRD's flags (RepDistiller's names and defaults); ``--feat_dim`` is also CC's embedding size."""
+    g = parser.add_argument_group('CRD')
+    g.add_argument('--feat_dim', type=int, default=128, help='embedding size of CRD and CC')
+    g.add_argument('--mode', type=str, default='exact', choices=('exact', 'relax'), help='CRD positive sampling')
+    g.add_argument('--nce_k', type=int, default=16384, help='CRD negatives per anchor')
+    g.add_argument('--nce_t', type=float, default=0.07, help='CRD temperature')
+    g.add_argument('--nce_m', type=float, default=0.5, help='CRD memory momentum')
 
 
 def check_crd_options(opt: Namespace) -> None:

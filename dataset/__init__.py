@@ -29,11 +29,20 @@ DATASETS = ("cifar100", "tinyimagenet", "imagenet", "digits")
 MODES = ("plain", "instance", "crd")
 
 __all__ = [
-    "DATASETS", "MODES", "DataBundle", "get_dataloaders", "get_datasets", "get_transforms", "set_epoch",
+    "DATASETS", "MODES", "DataBundle", "DataInfo", "get_dataloaders", "get_datasets", "get_transforms", "set_epoch",
     "IndexedDataset", "ContrastiveSampleDataset",
 ]
 
 _MODULES = {"cifar100": cifar100, "tinyimagenet": tinyimagenet, "imagenet": imagenet, "digits": digits}
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """The facts of a data set that models and methods are sized by (known once it is read)."""
+
+    num_classes: int
+    n_data: int        # training images (CRD's memory bank, TDD's embeddings)
+    image_size: int    # side of the (square) training images
 
 
 @dataclass
@@ -52,6 +61,11 @@ class DataBundle:
     num_classes: int
     n_data: int
     image_size: int
+
+    @property
+    def info(self) -> DataInfo:
+        """num_classes, n_data and image_size as one frozen record."""
+        return DataInfo(self.num_classes, self.n_data, self.image_size)
 
 
 def _check_name(dataset: str) -> None:

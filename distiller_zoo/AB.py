@@ -14,8 +14,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
-from helper.pretrain import run_init_stage
+from helper.pretrain import InitStageMethod, run_init_stage
 from models.util import Connector
 
 
@@ -44,15 +45,16 @@ class ABLoss(nn.Module):
         return ((source + m).pow(2) * below + (source - m).pow(2) * above).sum()
 
 
-class ABDistiller(Distiller):
+class ABDistiller(InitStageMethod, Distiller):
     """``--distill abound``: init stage ``sum(ABLoss(Connector(feat_s[1:-1]), feat_t[1:-1]))``; main stage CE only."""
 
     name = 'abound'
     preact = True
     default_weights = (1.0, 0.0, 1.0)   # RepDistiller's script passes -b 1; it is unused
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         f_s = probe_features(student, self.image_size, preact=True)[1:-1]
         f_t = probe_features(teacher, self.image_size, preact=True)[1:-1]
         self.connector = Connector([f.shape for f in f_s], [f.shape for f in f_t])
@@ -74,4 +76,5 @@ class ABDistiller(Distiller):
         if resumed:    # the checkpoint holds the connector and the initialised student
             return
         init_modules = nn.ModuleList([*self.student.get_feat_modules(), self.connector])
-        run_init_stage(self, init_modules, self.init_loss, data, self.opt, device)
+        run_init_stage(self, init_modules, self.init_loss, data, self.opt, device,
+                       self.init_learning_rate(self.opt))

@@ -12,7 +12,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from crd.criterion import add_crd_arguments
+from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
+from helper.errors import UserError
 from models.util import LinearEmbed
 
 
@@ -29,9 +32,17 @@ class CCDistiller(Distiller):
 
     name = 'correlation'
     default_weights = (1.0, 0.0, 0.02)
+    option_groups = (add_crd_arguments,)     # --feat_dim
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    @classmethod
+    def resolve_options(cls, opt: Namespace) -> Namespace:
+        if opt.feat_dim < 1:
+            raise UserError(f"--feat_dim must be at least 1, got {opt.feat_dim}")
+        return super().resolve_options(opt)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         dim_s = probe_features(student, self.image_size)[-1].shape[1]
         dim_t = probe_features(teacher, self.image_size)[-1].shape[1]
         self.embed_s = LinearEmbed(dim_s, opt.feat_dim)

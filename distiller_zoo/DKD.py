@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller
 from helper.errors import UserError
 
@@ -52,6 +53,15 @@ class DKDLoss(nn.Module):
         return self.alpha * tckd + self.beta * nckd
 
 
+def add_dkd_arguments(parser: ArgumentParser) -> None:
+    """DKD's flags (mdistiller's defaults; the per-pair beta is in README, Methods, and scripts/settings.py)."""
+    g = parser.add_argument_group('DKD')
+    g.add_argument('--dkd_alpha', type=float, default=1.0, help='DKD weight of TCKD')
+    g.add_argument('--dkd_beta', type=float, default=8.0, help='DKD weight of NCKD (per pair: README, Methods)')
+    g.add_argument('--dkd_T', type=float, default=4.0, help='DKD temperature')
+    g.add_argument('--dkd_warmup', type=int, default=20, help='epochs of linear DKD warm-up (0: none)')
+
+
 class DKD(Distiller):
     """``-r`` x CE(student) + min(epoch / warmup, 1) x DKDLoss(--dkd_alpha, --dkd_beta, --dkd_T).
 
@@ -60,13 +70,22 @@ class DKD(Distiller):
 
     name = 'dkd'
     default_weights = (1.0, 0.0, 0.0)   # mdistiller: DKD.CE_WEIGHT = 1, no KD term
+    option_groups = (add_dkd_arguments,)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
-        if self.beta != 0:
-            raise UserError(f"dkd does not use -b (got {self.beta}); set its weights with --dkd_alpha / --dkd_beta")
+    @classmethod
+    def resolve_options(cls, opt: Namespace) -> Namespace:
+        opt = super().resolve_options(opt)
+        if opt.beta != 0:
+            raise UserError(f"dkd does not use -b (got {opt.beta}); set its weights with --dkd_alpha / --dkd_beta")
         if opt.dkd_warmup < 0:
             raise UserError(f"--dkd_warmup must be >= 0 epochs, got {opt.dkd_warmup}")
+        if opt.dkd_T <= 0:
+            raise UserError(f"--dkd_T must be positive, got {opt.dkd_T}")
+        return opt
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         self.warmup = int(opt.dkd_warmup)
         self.criterion_dkd = DKDLoss(opt.dkd_alpha, opt.dkd_beta, opt.dkd_T)
 

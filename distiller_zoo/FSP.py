@@ -14,9 +14,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
 from helper.errors import UserError
-from helper.pretrain import run_init_stage
+from helper.pretrain import InitStageMethod, run_init_stage
 from models.util import pool_to_smaller
 
 
@@ -47,14 +48,15 @@ class FSP(nn.Module):
         return matrices
 
 
-class FSPDistiller(Distiller):
+class FSPDistiller(InitStageMethod, Distiller):
     """``--distill fsp``: init stage ``sum(FSP(feat_s[:-1], feat_t[:-1]))``; main stage CE only."""
 
     name = 'fsp'
     default_weights = (1.0, 0.0, 50.0)   # RepDistiller's script passes -b 50; it is unused
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         s_shapes = [f.shape for f in probe_features(student, self.image_size)[:-1]]
         t_shapes = [f.shape for f in probe_features(teacher, self.image_size)[:-1]]
         self.criterion = FSP(s_shapes, t_shapes)
@@ -68,4 +70,5 @@ class FSPDistiller(Distiller):
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
         if resumed:    # the checkpoint holds the initialised student
             return
-        run_init_stage(self, self.student.get_feat_modules(), self.init_loss, data, self.opt, device)
+        run_init_stage(self, self.student.get_feat_modules(), self.init_loss, data, self.opt, device,
+                       self.init_learning_rate(self.opt))

@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
-from helper.pretrain import run_init_stage
+from helper.pretrain import InitStageMethod, run_init_stage
+from models import model_facts
 from models.util import Paraphraser, Translator, pool_to_smaller
 
 
@@ -45,20 +47,26 @@ class FactorTransfer(nn.Module):
         return F.normalize(f.pow(self.p1).mean(1).flatten(1))
 
 
-class FTDistiller(Distiller):
+class FTDistiller(InitStageMethod, Distiller):
     """``--distill factor``: ``FactorTransfer(Translator(feat_s[-2]), Paraphraser.encoder(feat_t[-2]))``."""
 
     name = 'factor'
     default_weights = (1.0, 0.0, 200.0)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         s_shape = probe_features(student, self.image_size)[-2].shape
         t_shape = probe_features(teacher, self.image_size)[-2].shape
         self.paraphraser = Paraphraser(t_shape)
         self.paraphraser.requires_grad_(False)      # trained only by the init stage
         self.translator = Translator(s_shape, t_shape)
         self.criterion = FactorTransfer()
+
+    @classmethod
+    def init_learning_rate(cls, opt: Namespace) -> float:
+        """RepDistiller trains the paraphraser at lr 0.01 for CIFAR ResNet and WRN students, else at --learning_rate."""
+        return 0.01 if model_facts(opt.model_s).family in ('resnet', 'wrn') else float(opt.learning_rate)
 
     def train(self, mode: bool = True) -> 'FTDistiller':
         super().train(mode)
@@ -79,4 +87,5 @@ class FTDistiller(Distiller):
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
         if resumed:    # the checkpoint holds the trained paraphraser
             return
-        run_init_stage(self, self.paraphraser, self.init_loss, data, self.opt, device)
+        run_init_stage(self, self.paraphraser, self.init_loss, data, self.opt, device,
+                       self.init_learning_rate(self.opt))

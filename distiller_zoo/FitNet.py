@@ -5,13 +5,14 @@ jointly with the student under CE + beta * MSE (no separate hint stage). Publish
 """
 from __future__ import annotations
 
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
 from helper.errors import UserError
 from models.util import ConvReg
@@ -34,14 +35,22 @@ def hint_regressor(student: nn.Module, teacher: nn.Module, hint_layer: int, imag
     return ConvReg(f_s[hint_layer].shape, f_t[hint_layer].shape)
 
 
+def add_hint_arguments(parser: ArgumentParser) -> None:
+    """FitNet's flag (RepDistiller's)."""
+    g = parser.add_argument_group('FitNet')
+    g.add_argument('--hint_layer', type=int, default=2, choices=range(5), help='FitNet feature index')
+
+
 class FitNetDistiller(Distiller):
     """``--distill hint``: MSE(ConvReg(feat_s[hint_layer]), feat_t[hint_layer]); the regressor is trainable."""
 
     name = 'hint'
     default_weights = (1.0, 0.0, 100.0)
+    option_groups = (add_hint_arguments,)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         self.hint_layer = int(opt.hint_layer)
         self.regressor = hint_regressor(student, teacher, self.hint_layer, self.image_size)
         self.criterion = HintLoss()

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
 from helper.errors import UserError
 
@@ -112,8 +113,9 @@ class KDSVDDistiller(Distiller):
     name = 'kdsvd'
     default_weights = (1.0, 0.0, 1.0)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         s_c = [f.shape[1] for f in probe_features(student, self.image_size)[1:-1]]
         t_c = [f.shape[1] for f in probe_features(teacher, self.image_size)[1:-1]]
         n = min(len(s_c), len(t_c))

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller
 from models.util import pool_to_smaller
 
@@ -46,8 +47,9 @@ class NSTDistiller(Distiller):
     name = 'nst'
     default_weights = (1.0, 0.0, 50.0)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         self.criterion = NSTLoss()
 
     def method_loss(self, feat_s: list[torch.Tensor], feat_t: list[torch.Tensor], logit_s: torch.Tensor,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller
 
 
@@ -41,8 +42,9 @@ class PKTDistiller(Distiller):
     name = 'pkt'
     default_weights = (1.0, 0.0, 30000.0)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         self.criterion = PKT()
 
     def method_loss(self, feat_s: list[torch.Tensor], feat_t: list[torch.Tensor], logit_s: torch.Tensor,

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller
 
 
@@ -61,8 +62,9 @@ class RKDDistiller(Distiller):
     name = 'rkd'
     default_weights = (1.0, 0.0, 1.0)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         self.criterion = RKDLoss(w_d=25, w_a=50)
 
     def method_loss(self, feat_s: list[torch.Tensor], feat_t: list[torch.Tensor], logit_s: torch.Tensor,

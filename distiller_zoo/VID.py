@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
 from models.util import pool_to_smaller
 
@@ -57,8 +58,9 @@ class VIDDistiller(Distiller):
     name = 'vid'
     default_weights = (1.0, 0.0, 1.0)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         f_s = probe_features(student, self.image_size)[1:-1]
         f_t = probe_features(teacher, self.image_size)[1:-1]
         self.vid = nn.ModuleList(VIDLoss(s.shape[1], t.shape[1], t.shape[1]) for s, t in zip(f_s, f_t))

@@ -9,18 +9,28 @@ method's extra modules. The loop calls only:
 - ``prepare(data, device=..., cache_dir=..., resumed=...)``  offline / init stages (optional)
 - ``epoch_metrics()``         extra per-epoch scalars to log (optional)
 
+Options contract: a method lists the declarations of its flags in ``option_groups`` (functions that add
+an argument group to a parser; train_student.py's parser is built from the registry, each group once),
+and checks its flags and resolves its defaults in ``resolve_options``, which runs before any data is
+read and returns the options that args.json records. Constructors get those options read-only, plus the
+data's facts (``DataInfo``: num_classes, n_data, image_size).
+
 Loss weights follow RepDistiller: ``-r`` (gamma) for CE, ``-a`` (alpha) for logit KD and ``-b``
 (beta) for the method's own loss.
 """
 from __future__ import annotations
 
-from argparse import Namespace
-from typing import Any, Iterator
+from argparse import ArgumentParser, Namespace
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
+from dataset import DataInfo
 from distiller_zoo.KD import DistillKL
+from helper.options import updated
+
+OptionGroup = Callable[[ArgumentParser], Any]   # adds one argument group of flags to a parser
 
 
 @torch.no_grad()
@@ -46,10 +56,14 @@ class Distiller(nn.Module):
     needs_teacher = True
     preact = False           # feature flavour asked of both networks (only AB uses pre-activations)
     default_weights = (1.0, 0.0, 0.0)   # published (-r, -a, -b), used when the flags are not given
+    option_groups: tuple[OptionGroup, ...] = ()   # declarations of the flags the method reads
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace, info: DataInfo) -> None:
         super().__init__()
         self.opt = opt
+        self.info = info
+        self.num_classes = info.num_classes
+        self.image_size = info.image_size
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -61,12 +75,18 @@ class Distiller(nn.Module):
         self.beta = float(opt.beta)
         self.criterion_cls = nn.CrossEntropyLoss()
         self.criterion_div = DistillKL(opt.kd_T)
-        self.image_size = getattr(opt, 'image_size', 32)
 
     # ----------------------------------------------------------------- the loop's interface
     @classmethod
-    def check_options(cls, opt: Namespace) -> None:
-        """Reject bad values of the method's flags (UserError) before any data is loaded. Default: none."""
+    def resolve_options(cls, opt: Namespace) -> Namespace:
+        """Check the method's flags (UserError) and resolve its defaults, before any data is read.
+
+        Returns a new Namespace: ``opt`` with the published ``-r/-a/-b`` filled in where they were not
+        given. Subclasses extend it (``opt = super().resolve_options(opt)``, checks, ``updated(opt, ...)``)
+        for per-pair defaults; never write into ``opt``.
+        """
+        weights = dict(zip(('gamma', 'alpha', 'beta'), cls.default_weights))
+        return updated(opt, **{flag: value for flag, value in weights.items() if getattr(opt, flag, None) is None})
 
     def train(self, mode: bool = True) -> 'Distiller':
         """Like nn.Module.train, but the teacher always stays in eval mode."""
@@ -105,7 +125,7 @@ class Distiller(nn.Module):
         """How to rebuild ``deployable()`` from a checkpoint (see distiller_zoo/deploy.py)."""
         # train_teacher.py names its model --model, train_student.py --model_s
         name = getattr(self.opt, 'model_s', None) or self.opt.model
-        return {'kind': 'plain', 'model': name, 'num_classes': self.opt.num_classes}
+        return {'kind': 'plain', 'model': name, 'num_classes': self.num_classes}
 
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
         """Offline or init stage before training (quantizers, class trees, AB/FT/FSP init). Default: none."""

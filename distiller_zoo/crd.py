@@ -13,17 +13,18 @@ import torch
 import torch.nn as nn
 
 from crd import CRDLoss
-from crd.criterion import check_crd_options
+from crd.criterion import add_crd_arguments, check_crd_options
+from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
+from helper.options import updated
 
 
-def build_crd_loss(student: nn.Module, teacher: nn.Module, opt: Namespace) -> CRDLoss:
-    """A CRDLoss sized for this pair: opt.s_dim / opt.t_dim are set to the pooled feature sizes (B, D)."""
-    check_crd_options(opt)
-    image_size = getattr(opt, 'image_size', 32)
-    opt.s_dim = probe_features(student, image_size)[-1].shape[1]
-    opt.t_dim = probe_features(teacher, image_size)[-1].shape[1]
-    return CRDLoss(opt)
+def build_crd_loss(student: nn.Module, teacher: nn.Module, opt: Namespace, info: DataInfo) -> CRDLoss:
+    """A CRDLoss sized for this pair and data: RepDistiller's ``CRDLoss(opt)`` reads s_dim / t_dim (the
+    pooled feature sizes) and n_data from its argument, given here as a copy of ``opt`` with them added."""
+    s_dim = probe_features(student, info.image_size)[-1].shape[1]
+    t_dim = probe_features(teacher, info.image_size)[-1].shape[1]
+    return CRDLoss(updated(opt, s_dim=s_dim, t_dim=t_dim, n_data=info.n_data))
 
 
 class CRD(Distiller):
@@ -33,13 +34,17 @@ class CRD(Distiller):
     data_mode = 'crd'
     default_weights = (1.0, 0.0, 0.8)   # RepDistiller's run_cifar_distill.sh; CRD+KD: -a 1
 
-    @classmethod
-    def check_options(cls, opt: Namespace) -> None:
-        check_crd_options(opt)
+    option_groups = (add_crd_arguments,)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
-        self.criterion_crd = build_crd_loss(student, teacher, opt)
+    @classmethod
+    def resolve_options(cls, opt: Namespace) -> Namespace:
+        check_crd_options(opt)
+        return super().resolve_options(opt)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
+        self.criterion_crd = build_crd_loss(student, teacher, opt, info)
 
     def method_loss(self, feat_s: list[torch.Tensor], feat_t: list[torch.Tensor], logit_s: torch.Tensor,
                     logit_t: torch.Tensor, target: torch.Tensor, *, index: torch.Tensor,

@@ -6,11 +6,13 @@ position against K learnt words (the student's assignment logits), turns the sco
 and adds it to the feature, ``F_hat = F + alpha * v``; F_hat replaces F in the student's forward
 (``LetKDStudent``), so the KD layers stay in the deployed network.
 
-The teacher's per-position targets come from offline quantizers (helper/letkd_offline.py): a k-means
-codebook at the penultimate place, an LDA projection + per-class sub-classes + a sub-class score matrix at
-the intermediate one. Loss per KD layer: KL(p_T || softmax(scores)) averaged over the B*H*W positions.
-QUEST (distiller_zoo/quest.py) reuses the codebook, the predictor and the loss from here.
-README.md, "letKD: what is computed", states every formula and choice.
+The file reads top to bottom: the layer; the teacher's targets and the loss; the deployed student; the
+flags; the Distillers. The places of the KD layers are model facts (models/facts.py, ``kd_sites``). The
+teacher's per-position targets come from offline quantizers (helper/letkd_offline.py, which owns their
+maths and file format): a k-means codebook at the penultimate place, an LDA projection + per-class
+sub-classes + a sub-class score matrix at the intermediate one. Loss per KD layer: KL(p_T || softmax(scores))
+averaged over the B*H*W positions. QUEST (distiller_zoo/quest.py) reuses the codebook, the predictor and
+the loss from here. README.md, "letKD: what is computed", states every formula and choice.
 
 Two variants exist for the supplementary's ablations (README, "Ablations"): ``letkd_inter`` (the
 intermediate KD layer alone, Table 5) and ``fitnet_kdlayer`` (FitNet's hint loss plus a penultimate KD
@@ -19,30 +21,30 @@ layer whose KL weight ``--kd_layer_weight`` may be 0, Table 6).
 from __future__ import annotations
 
 import math
-from argparse import Namespace
-from contextlib import contextmanager
-from dataclasses import dataclass
+from argparse import ArgumentParser, Namespace
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller
 from distiller_zoo.deploy import register_deployable
-from distiller_zoo.FitNet import HintLoss, hint_regressor
+from distiller_zoo.FitNet import HintLoss, add_hint_arguments, hint_regressor
 from helper.errors import UserError
+from helper.letkd_offline import (ROLES, OfflineSettings, add_quantizer_arguments, check_quantizer_options,
+                                  codebook_targets, ensure_quantizers, flatten_positions, kd_sites, lda_project,
+                                  nearest_subclass_of_class, pair_shapes, pool_teacher_to)
+from helper.options import updated
 from helper.util import AverageMeter
-from models import create_model
+from models import attach, create_model, tap
 
 NORM_EPS = 1e-12
 PREDICTOR_SCALE = 3.0            # initial scale of the word predictor (cosine conv C -> K)
 VALUE_SCALE = 1.0                # initial scale of the value conv (cosine conv K -> C)
-ROLES = ('inter', 'penult')      # the two KD-layer places, in forward order
-DEFAULT_MAX_POSITIONS = 3_200_000  # offline sample bound: all of CIFAR-100's 50,000 x 8x8 positions
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -95,151 +97,7 @@ class KDLayer(nn.Module):
         return feature + self.alpha * v, scores
 
 
-# ---------------------------------------------------------------------------------------------- places
-
-@dataclass(frozen=True)
-class Site:
-    """A KD-layer place: the output of the submodule ``module`` (dotted path), or its input if ``on_input``."""
-
-    module: str
-    on_input: bool = False
-
-
-_CIFAR_RESNETS = ('resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110',
-                  'resnet8x4', 'resnet32x4')
-_VGG_POOL_INPUT = Site('pool4', on_input=True)   # relu(block4): VGG applies that ReLU functionally
-
-# Per architecture: 'penult' = the last spatial map feeding global pooling, 'inter' = the output of the
-# first block of the last stage. When both are the same tensor (one-block last stage: resnet8(x4), vgg8)
-# the intermediate layer comes first, then the penultimate one reads its output.
-KD_SITES: dict[str, dict[str, Site]] = {
-    **{name: {'inter': Site('layer3.0'), 'penult': Site('layer3')} for name in _CIFAR_RESNETS},
-    'ResNet50': {'inter': Site('layer4.0'), 'penult': Site('layer4')},
-    # WRN: 'relu' is the network's final BN-ReLU (block outputs are raw pre-activation sums)
-    **{name: {'inter': Site('block3.layer.0'), 'penult': Site('relu')}
-       for name in ('wrn_16_1', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2')},
-    'ShuffleV1': {'inter': Site('layer3.0'), 'penult': Site('layer3')},
-    'ShuffleV2': {'inter': Site('layer3.0'), 'penult': Site('relu2')},        # after conv2-bn2-ReLU
-    'MobileNetV2': {'inter': Site('blocks.5.0'), 'penult': Site('conv2')},    # conv2 = 1x1 conv-BN-ReLU
-    # VGG's last stage is block4, made of conv-BN-ReLU units; vgg8's block4 has one unit
-    'vgg8': {'inter': _VGG_POOL_INPUT, 'penult': _VGG_POOL_INPUT},
-    **{name: {'inter': Site('block4.2'), 'penult': _VGG_POOL_INPUT} for name in ('vgg11', 'vgg13', 'vgg16', 'vgg19')},
-}
-
-
-def kd_sites(model_name: str, roles: tuple[str, ...] = ROLES) -> dict[str, Site]:
-    """The KD-layer places of a model of the zoo, for ``roles``; UserError for a model without a table entry."""
-    if model_name not in KD_SITES:
-        raise UserError(f"letKD/QUEST know no KD-layer places for model {model_name!r}; "
-                        f"supported: {', '.join(KD_SITES)}")
-    return {role: KD_SITES[model_name][role] for role in roles}
-
-
-class _OutputHook:
-    """Forward hook calling ``fn(output)``; a returned tensor replaces the module's output."""
-
-    def __init__(self, fn: Callable[[Tensor], Tensor | None]) -> None:
-        self.fn = fn
-
-    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        return self.fn(output)
-
-
-class _InputHook:
-    """Forward pre-hook calling ``fn(first input)``; a returned tensor replaces that input."""
-
-    def __init__(self, fn: Callable[[Tensor], Tensor | None]) -> None:
-        self.fn = fn
-
-    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
-        new = self.fn(args[0])
-        return None if new is None else (new, *args[1:])
-
-
-def attach(model: nn.Module, site: Site, fn: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
-    """Call ``fn`` on the tensor at ``site`` in every forward of ``model``; a returned tensor replaces it."""
-    module = model.get_submodule(site.module)
-    if site.on_input:
-        return module.register_forward_pre_hook(_InputHook(fn))
-    return module.register_forward_hook(_OutputHook(fn))
-
-
-def _store(store: dict[str, Tensor], role: str, tensor: Tensor) -> None:
-    store[role] = tensor
-
-
-@contextmanager
-def tap(model: nn.Module, sites: dict[str, Site]) -> Iterator[dict[str, Tensor]]:
-    """Inside the block, each forward of ``model`` puts the tensor at every site into the yielded dict
-    (read only; the model's computation is unchanged). The hooks are removed on exit."""
-    store: dict[str, Tensor] = {}
-    handles = [attach(model, site, partial(_store, store, role)) for role, site in sites.items()]
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def site_shapes(model: nn.Module, sites: dict[str, Site], image_size: int) -> dict[str, tuple[int, int, int]]:
-    """(C, H, W) of the tensor at each site for (image_size x image_size) inputs (dummy batch, eval mode)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    with tap(model, sites) as maps:
-        model(torch.zeros(2, 3, image_size, image_size, device=device))
-    model.train(was_training)
-    return {role: tuple(maps[role].shape[1:]) for role in sites}
-
-
-def pair_shapes(student: nn.Module, teacher: nn.Module, model_s: str, model_t: str, roles: tuple[str, ...],
-                image_size: int) -> tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int, int]]]:
-    """(student, teacher) site shapes; UserError when a teacher map is smaller than the student's
-    (the teacher is average-pooled down to the student's size, never up)."""
-    shapes_s = site_shapes(student, kd_sites(model_s, roles), image_size)
-    shapes_t = site_shapes(teacher, kd_sites(model_t, roles), image_size)
-    for role in roles:
-        (_, hs, ws), (_, ht, wt) = shapes_s[role], shapes_t[role]
-        if ht < hs or wt < ws:
-            raise UserError(f"{model_t} -> {model_s}: the teacher's {role} map is {ht}x{wt}, smaller than the "
-                            f"student's {hs}x{ws}; letKD/QUEST need a teacher map at least as large")
-    return shapes_s, shapes_t
-
-
-def pool_teacher_to(t: Tensor, size: tuple[int, int]) -> Tensor:
-    """Average-pool a teacher map (B, D, H, W) down to ``size`` (e.g. 8x8 -> 4x4 is 2x2 / stride 2)."""
-    return t if tuple(t.shape[2:]) == tuple(size) else F.adaptive_avg_pool2d(t, tuple(size))
-
-
 # ---------------------------------------------------------------------------------------------- targets and loss
-
-def flatten_positions(x: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B*H*W, C): one row per position, ordered image, row, column."""
-    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-
-
-def codebook_targets(t: Tensor, centroids: Tensor, tau: float) -> Tensor:
-    """``softmax_k(-tau * ||t_n - rho_k||^2)`` for rows t (N, D) and centroids rho (K, D) -> (N, K)."""
-    # ||t_n||^2 is the same for every k and cancels in the softmax; leaving it out avoids cancellation error
-    logits = tau * (2.0 * t @ centroids.t() - centroids.pow(2).sum(1))
-    return logits.softmax(dim=1)
-
-
-def lda_project(t: Tensor, xbar: Tensor, scalings: Tensor) -> Tensor:
-    """The teacher's LDA projection ``(t - xbar) @ scalings``: (N, D) -> (N, n_comp)."""
-    return (t - xbar) @ scalings
-
-
-def nearest_subclass_of_class(z: Tensor, labels: Tensor, centroids: Tensor, k_inter: int) -> Tensor:
-    """Global index of the nearest of the ``k_inter`` centroids of class ``labels[n]`` for each row z_n.
-
-    z (N, n_comp); labels (N,); centroids (classes * k_inter, n_comp), sub-class j belonging to class
-    j // k_inter. Returns (N,) long.
-    """
-    own = centroids.view(-1, k_inter, centroids.shape[1])[labels]            # (N, k_inter, n_comp)
-    return labels * k_inter + (z.unsqueeze(1) - own).pow(2).sum(2).argmin(1)
-
 
 def position_kl(scores: Tensor, target: Tensor) -> Tensor:
     """Mean over the N positions of KL(target_n || softmax(scores_n)); scores and target (N, K)."""
@@ -311,7 +169,7 @@ class LetKDStudent(nn.Module):
     """The deployed letKD student: ``backbone`` (a model of the zoo, its state_dict keys untouched) whose
     forward runs through the KD layers in ``kd_layers`` ('inter' and/or 'penult').
 
-    Forward hooks at the model's KD_SITES replace each site's tensor F by F_hat; the scores of the last
+    Forward hooks at the model's KD sites (models/facts.py) replace each site's tensor F by F_hat; the scores of the last
     forward are in ``self.scores`` (role -> (B, K, H, W)). ``forward(x, is_feat=False)`` is the
     backbone's (logits, or (features, logits)); pre-activation features are not available.
     """
@@ -347,6 +205,39 @@ def build_letkd_student(spec: dict[str, Any]) -> LetKDStudent:
     return LetKDStudent(create_model(spec['model'], num_classes=spec['num_classes']), spec['model'], layers)
 
 
+# ---------------------------------------------------------------------------------------------- flags
+
+def add_letkd_arguments(parser: ArgumentParser) -> None:
+    """letKD's own flags (the quantizers' flags come from helper/letkd_offline.py)."""
+    g = parser.add_argument_group('letKD')
+    g.add_argument('--alpha_penult', type=float, default=None,
+                   help="weight of the penultimate KD layer's value; default per pair: 1, ResNet50->MobileNetV2 "
+                        "0.1 (cifar100) / 0.5 (tinyimagenet)")
+    g.add_argument('--alpha_inter', type=float, default=None,
+                   help="weight of the intermediate KD layer's value; default per pair: 1, ResNet50->MobileNetV2 "
+                        "0.2 (cifar100) / 1 (tinyimagenet)")
+    g.add_argument('--letkd_tau', type=float, default=1.0,
+                   help='letKD: teacher codebook targets softmax(-tau * squared distance)')
+
+
+def add_kd_layer_ablation_arguments(parser: ArgumentParser) -> None:
+    """The flag of ``fitnet_kdlayer`` (supplementary Table 6)."""
+    g = parser.add_argument_group('letKD ablations')
+    g.add_argument('--kd_layer_weight', type=float, default=1.0,
+                   help="fitnet_kdlayer: weight of the KD layer's KL loss (0: the layer without supervision); "
+                        "-b weights FitNet's hint loss")
+
+
+def default_alphas(model_t: str, model_s: str, dataset: str) -> dict[str, float]:
+    """The paper's (supplementary) alpha per KD layer: 1, except ResNet50 -> MobileNetV2 on CIFAR-100
+    (penult 0.1, inter 0.2) and Tiny-ImageNet (0.5, 1)."""
+    if (model_t, model_s) == ('ResNet50', 'MobileNetV2'):
+        per_dataset = {'cifar100': {'inter': 0.2, 'penult': 0.1}, 'tinyimagenet': {'inter': 1.0, 'penult': 0.5}}
+        if dataset in per_dataset:
+            return per_dataset[dataset]
+    return {'inter': 1.0, 'penult': 1.0}
+
+
 # ---------------------------------------------------------------------------------------------- distillers
 
 class QuantizedKD(Distiller):
@@ -364,17 +255,25 @@ class QuantizedKD(Distiller):
     tau_flag = 'letkd_tau'           # the flag holding the codebook's soft-assignment tau
     data_mode = 'plain'
     default_weights = (1.0, 0.0, 1.0)
+    option_groups = (add_quantizer_arguments,)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace,
+    @classmethod
+    def resolve_options(cls, opt: Namespace) -> Namespace:
+        check_quantizer_options(opt)
+        if getattr(opt, cls.tau_flag) <= 0:
+            raise UserError(f"--{cls.tau_flag} must be positive, got {getattr(opt, cls.tau_flag)}")
+        return super().resolve_options(opt)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace, info: DataInfo,
                  student_shapes: dict[str, tuple[int, int, int]],
                  teacher_shapes: dict[str, tuple[int, int, int]]) -> None:
-        super().__init__(student, teacher, opt)
+        super().__init__(student, teacher, opt, info)
         self.student_shapes, self.teacher_shapes = student_shapes, teacher_shapes
         self.pool_sizes = {role: student_shapes[role][1:] for role in self.roles}
         self.teacher_sites = kd_sites(opt.model_t, self.roles)
         quantizers: dict[str, nn.Module] = {}
         if 'inter' in self.roles:
-            quantizers['inter'] = SubclassQuantizer(opt.num_classes, opt.k_inter, teacher_shapes['inter'][0])
+            quantizers['inter'] = SubclassQuantizer(info.num_classes, opt.k_inter, teacher_shapes['inter'][0])
         if 'penult' in self.roles:
             quantizers['penult'] = CodebookQuantizer(opt.k_penult, teacher_shapes['penult'][0],
                                                      getattr(opt, self.tau_flag))
@@ -382,25 +281,13 @@ class QuantizedKD(Distiller):
         self.kl_weight = self.beta
         self.meters: dict[str, AverageMeter] = {}
 
-    @staticmethod
-    def check_flags(opt: Namespace) -> None:
-        """UserError for unusable letKD/QUEST flags."""
-        for flag in ('k_penult', 'k_inter', 'lda_dim', 'max_positions'):
-            if getattr(opt, flag) < 1:
-                raise UserError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
-        for flag in ('letkd_tau', 'quest_tau'):
-            if getattr(opt, flag) <= 0:
-                raise UserError(f"--{flag} must be positive, got {getattr(opt, flag)}")
-
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
         """Load the teacher's quantizers from ``<cache_dir>/letkd/``, building the missing ones first
         (also on resume: the files are reused, or rebuilt identically from the same seed)."""
-        # imported here: helper/letkd_offline.py imports this module
-        from helper.letkd_offline import OfflineSettings, ensure_quantizers
         tensors = ensure_quantizers(
             self.teacher, teacher_arch=self.opt.model_t, teacher_path=self.opt.path_t, roles=self.roles,
             pool_sizes=self.pool_sizes, loader=data.train_eval_loader, dataset=self.opt.dataset,
-            num_classes=self.opt.num_classes, settings=OfflineSettings.from_opt(self.opt),
+            num_classes=self.num_classes, settings=OfflineSettings.from_opt(self.opt),
             cache_dir=cache_dir, device=device)
         for role, role_tensors in tensors.items():
             self.quantizers[role].load(role_tensors)
@@ -458,16 +345,6 @@ class QuantizedKD(Distiller):
         return metrics
 
 
-def default_alphas(model_t: str, model_s: str, dataset: str) -> dict[str, float]:
-    """The paper's (supplementary) alpha per KD layer: 1, except ResNet50 -> MobileNetV2 on CIFAR-100
-    (penult 0.1, inter 0.2) and Tiny-ImageNet (0.5, 1)."""
-    if (model_t, model_s) == ('ResNet50', 'MobileNetV2'):
-        per_dataset = {'cifar100': {'inter': 0.2, 'penult': 0.1}, 'tinyimagenet': {'inter': 1.0, 'penult': 0.5}}
-        if dataset in per_dataset:
-            return per_dataset[dataset]
-    return {'inter': 1.0, 'penult': 1.0}
-
-
 class LetKD1(QuantizedKD):
     """letKD-1: one KD layer on the student's penultimate map (``--distill letkd1``).
 
@@ -477,19 +354,23 @@ class LetKD1(QuantizedKD):
 
     name = 'letkd1'
     roles = ('penult',)
+    option_groups = (add_quantizer_arguments, add_letkd_arguments)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace) -> None:
-        self.check_flags(opt)
-        shapes_s, shapes_t = pair_shapes(student, teacher, opt.model_s, opt.model_t, self.roles, opt.image_size)
+    @classmethod
+    def resolve_options(cls, opt: Namespace) -> Namespace:
+        """The quantizer/tau checks, then the paper's alpha of each KD layer of the pair where not given."""
+        opt = super().resolve_options(opt)
         defaults = default_alphas(opt.model_t, opt.model_s, opt.dataset)
+        return updated(opt, **{f'alpha_{role}': defaults[role] for role in cls.roles
+                               if getattr(opt, f'alpha_{role}') is None})
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace, info: DataInfo) -> None:
+        shapes_s, shapes_t = pair_shapes(student, teacher, opt.model_s, opt.model_t, self.roles, info.image_size)
         layers = {}
         for role in self.roles:
-            flag = f'alpha_{role}'
-            if getattr(opt, flag, None) is None:
-                setattr(opt, flag, defaults[role])   # so args.json records the value used
-            num_words = opt.k_penult if role == 'penult' else opt.num_classes * opt.k_inter
-            layers[role] = KDLayer(shapes_s[role][0], num_words, getattr(opt, flag))
-        super().__init__(LetKDStudent(student, opt.model_s, layers), teacher, opt, shapes_s, shapes_t)
+            num_words = opt.k_penult if role == 'penult' else info.num_classes * opt.k_inter
+            layers[role] = KDLayer(shapes_s[role][0], num_words, getattr(opt, f'alpha_{role}'))
+        super().__init__(LetKDStudent(student, opt.model_s, layers), teacher, opt, info, shapes_s, shapes_t)
 
     def forward_train(self, image: Tensor, target: Tensor, **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(image)
@@ -498,7 +379,7 @@ class LetKD1(QuantizedKD):
     def deploy_spec(self) -> dict[str, Any]:
         layers = {role: {'in_channels': layer.in_channels, 'num_words': layer.num_words, 'alpha': layer.alpha}
                   for role, layer in self.student.kd_layers.items()}
-        return {'kind': 'letkd', 'model': self.opt.model_s, 'num_classes': self.opt.num_classes, 'kd_layers': layers}
+        return {'kind': 'letkd', 'model': self.opt.model_s, 'num_classes': self.num_classes, 'kd_layers': layers}
 
 
 class LetKD2(LetKD1):
@@ -532,18 +413,21 @@ class FitNetKDLayer(LetKD1):
 
     name = 'fitnet_kdlayer'
     default_weights = (1.0, 0.0, 100.0)
+    option_groups = (add_quantizer_arguments, add_letkd_arguments, add_hint_arguments,
+                     add_kd_layer_ablation_arguments)
 
     @classmethod
-    def check_options(cls, opt: Namespace) -> None:
-        super().check_options(opt)
+    def resolve_options(cls, opt: Namespace) -> Namespace:
         if opt.kd_layer_weight < 0:
             raise UserError(f"--kd_layer_weight must be >= 0, got {opt.kd_layer_weight}")
+        return super().resolve_options(opt)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace) -> None:
-        self.check_options(opt)
-        super().__init__(student, teacher, opt)
+    def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace, info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         self.kl_weight = float(opt.kd_layer_weight)
         self.hint_layer = int(opt.hint_layer)
+        # the KD layer is new and still on the CPU while a caller may have put the backbone on the GPU
+        self.student.kd_layers.to(next(self.student.backbone.parameters()).device)
         self.regressor = hint_regressor(self.student, teacher, self.hint_layer, self.image_size)
         self.hint_loss = HintLoss()
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller
 
 
@@ -22,8 +23,9 @@ class Vanilla(Distiller):
     data_mode = 'plain'
     needs_teacher = False
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, None, opt)
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, None, opt, info)
 
     def forward_train(self, image: torch.Tensor, target: torch.Tensor, **extras: Any
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -9,13 +9,22 @@ Loss: ``-r`` CE + ``-b`` KL (both 1 by default), the KL averaged over all B*H*W 
 """
 from __future__ import annotations
 
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 from typing import Any
 
 import torch.nn as nn
 from torch import Tensor
 
-from distiller_zoo.letkd import PREDICTOR_SCALE, CosineConv1x1, QuantizedKD, kd_sites, pair_shapes, tap
+from dataset import DataInfo
+from distiller_zoo.letkd import PREDICTOR_SCALE, CosineConv1x1, QuantizedKD
+from helper.letkd_offline import add_quantizer_arguments, kd_sites, pair_shapes
+from models import tap
+
+
+def add_quest_arguments(parser: ArgumentParser) -> None:
+    """QUEST's flag."""
+    g = parser.add_argument_group('QUEST')
+    g.add_argument('--quest_tau', type=float, default=5.0, help="QUEST: the codebook targets' tau, QuEST's default")
 
 
 class QUEST(QuantizedKD):
@@ -24,11 +33,12 @@ class QUEST(QuantizedKD):
     name = 'quest'
     roles = ('penult',)
     tau_flag = 'quest_tau'
+    option_groups = (add_quantizer_arguments, add_quest_arguments)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace) -> None:
-        self.check_flags(opt)
-        shapes_s, shapes_t = pair_shapes(student, teacher, opt.model_s, opt.model_t, self.roles, opt.image_size)
-        super().__init__(student, teacher, opt, shapes_s, shapes_t)
+    def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace,
+                 info: DataInfo) -> None:
+        shapes_s, shapes_t = pair_shapes(student, teacher, opt.model_s, opt.model_t, self.roles, info.image_size)
+        super().__init__(student, teacher, opt, info, shapes_s, shapes_t)
         self.student_sites = kd_sites(opt.model_s, self.roles)
         self.predictor = CosineConv1x1(shapes_s['penult'][0], opt.k_penult, scale=PREDICTOR_SCALE)
 

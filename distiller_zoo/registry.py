@@ -1,14 +1,15 @@
-"""The one map from ``--distill`` names to Distiller classes.
+"""The one map from ``--distill`` names to Distiller classes, and the method flags built from it.
 
-Adding a method = one file in distiller_zoo/ + one line here.
+Adding a method = one file in distiller_zoo/ (its Distiller, flags and option resolution) + one line here.
 """
 from __future__ import annotations
 
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 
 import torch.nn as nn
 
-from distiller_zoo.base import Distiller
+from dataset import DataInfo
+from distiller_zoo.base import Distiller, OptionGroup
 from distiller_zoo.AB import ABDistiller
 from distiller_zoo.AT import ATDistiller
 from distiller_zoo.CC import CCDistiller
@@ -74,6 +75,21 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> Distiller:
-    """Instantiate the Distiller registered under ``name``."""
-    return DISTILLERS[canonical_name(name)](student, teacher, opt)
+def method_option_groups() -> list[OptionGroup]:
+    """Every registered method's flag declarations, each once, in registry order."""
+    groups: list[OptionGroup] = []
+    for method in DISTILLERS.values():
+        groups.extend(group for group in method.option_groups if group not in groups)
+    return groups
+
+
+def add_method_arguments(parser: ArgumentParser) -> None:
+    """Add the flags of every registered method to ``parser`` (train_student.py's parser)."""
+    for group in method_option_groups():
+        group(parser)
+
+
+def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                    info: DataInfo) -> Distiller:
+    """Instantiate the Distiller registered under ``name`` for data described by ``info``."""
+    return DISTILLERS[canonical_name(name)](student, teacher, opt, info)

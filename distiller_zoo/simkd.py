@@ -1,32 +1,27 @@
 """SimKD: Chen et al., "Knowledge Distillation with the Reused Teacher Classifier" (CVPR 2022).
 
-A projector (models.util.SimKD) maps the student's last feature map (feat[-2]) onto the teacher's,
+A projector (models.util.SimKD) maps the student's last feature map (feat[-2]) onto the map the teacher's
+classifier pools (models/facts.py ``pooled_map``: feat[-2] for most teachers, relu(bn1(feat[-2])) for WRN),
 trained with MSE; predictions come from the teacher's own classifier, reused and frozen. The deployed
 student is therefore student backbone + projector + teacher classifier (``SimKDStudent``), and that
 is what is evaluated, counted and saved; ``load_deployed`` rebuilds it without the teacher file.
 """
 from __future__ import annotations
 
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 from typing import Any
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
 from distiller_zoo.deploy import register_deployable
 from helper.errors import UserError
-from models import create_model
+from models import create_model, model_facts, site_shapes, tap
 from models.util import SimKD as SimKDProjector
-
-
-def last_linear_name(model: nn.Module) -> str:
-    """Module name of the last nn.Linear of ``model`` (its classifier: fc, linear, classifier, classifier.0)."""
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not names:
-        raise UserError(f"{type(model).__name__} has no linear classifier for SimKD to reuse")
-    return names[-1]
 
 
 class SimKDStudent(nn.Module):
@@ -52,32 +47,47 @@ class SimKDStudent(nn.Module):
         return self.projector.classify(self.projector.transfer(feat), self.cls_t)
 
 
+def add_simkd_arguments(parser: ArgumentParser) -> None:
+    """SimKD's flag."""
+    g = parser.add_argument_group('SimKD')
+    g.add_argument('--simkd_factor', type=int, default=2, help="SimKD projector's bottleneck factor (t_n / factor)")
+
+
 class SimKDDistiller(Distiller):
-    """``-b`` x MSE(projector(feat_s[-2]), feat_t[-2]); logits = teacher classifier on the projected map.
+    """``-b`` x MSE(projector(feat_s[-2]), teacher's pooled map); logits = teacher classifier on the projected map.
 
     ``-r`` / ``-a`` act on the student's own logits (SimKD's ``-c`` / ``-d``, 0 in its protocol).
     """
 
     name = 'simkd'
     default_weights = (0.0, 0.0, 1.0)   # SimKD's scripts: -c 0 -d 0 -b 1
+    option_groups = (add_simkd_arguments,)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    @classmethod
+    def resolve_options(cls, opt: Namespace) -> Namespace:
+        if opt.simkd_factor < 1:
+            raise UserError(f"--simkd_factor must be at least 1, got {opt.simkd_factor}")
+        return super().resolve_options(opt)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         map_s = probe_features(student, self.image_size)[-2]
-        map_t = probe_features(teacher, self.image_size)[-2]
-        s_n, t_n = map_s.shape[1], map_t.shape[1]
-        self.cls_t_name = last_linear_name(teacher)
+        facts_t = model_facts(opt.model_t)
+        self.target_site = {'target': facts_t.pooled_map}     # the map the teacher's classifier pools
+        t_n, *target_size = site_shapes(teacher, self.target_site, self.image_size)['target']
+        s_n = map_s.shape[1]
+        self.cls_t_name = facts_t.classifier
         cls_t = teacher.get_submodule(self.cls_t_name)
         if cls_t.in_features != t_n:
-            teacher_name = getattr(opt, 'model_t', type(teacher).__name__)
-            raise UserError(f"teacher {teacher_name} cannot be a SimKD teacher: its classifier '{self.cls_t_name}' "
-                            f"takes {cls_t.in_features} features but its last feature map has {t_n} channels")
+            raise UserError(f"teacher {opt.model_t} cannot be a SimKD teacher: its classifier '{self.cls_t_name}' "
+                            f"takes {cls_t.in_features} features but its pooled map has {t_n} channels")
         self.factor = int(opt.simkd_factor)
         if not 1 <= self.factor <= t_n:
             raise UserError(f"--simkd_factor must be between 1 and the teacher's {t_n} channels, "
                             f"got {opt.simkd_factor}")
         self.s_n, self.t_n = s_n, t_n
-        self.target_size = tuple(map_t.shape[2:])
+        self.target_size = tuple(target_size)
         self.projector = SimKDProjector(s_n=s_n, t_n=t_n, factor=self.factor)
 
     @property
@@ -87,9 +97,10 @@ class SimKDDistiller(Distiller):
 
     def forward_train(self, image: Tensor, target: Tensor, **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:
         feat_s, logit_s = self.student(image, is_feat=True)
-        feat_t, logit_t = self.teacher_forward(image)
+        with torch.no_grad(), tap(self.teacher, self.target_site) as maps:
+            logit_t = self.teacher(image)
         losses = self.logit_losses(logit_s, logit_t, target)
-        trans_feat_s, trans_feat_t, pred_feat_s = self.projector(feat_s[-2], feat_t[-2], self.cls_t)
+        trans_feat_s, trans_feat_t, pred_feat_s = self.projector(feat_s[-2], maps['target'], self.cls_t)
         losses[self.name] = self.beta * F.mse_loss(trans_feat_s, trans_feat_t)
         return pred_feat_s, losses
 
@@ -98,7 +109,7 @@ class SimKDDistiller(Distiller):
 
     def deploy_spec(self) -> dict[str, Any]:
         return {'kind': 'simkd', 'model_s': self.opt.model_s, 'model_t': self.opt.model_t,
-                'num_classes': self.opt.num_classes, 'factor': self.factor, 's_n': self.s_n, 't_n': self.t_n,
+                'num_classes': self.num_classes, 'factor': self.factor, 's_n': self.s_n, 't_n': self.t_n,
                 'target_size': list(self.target_size), 'cls_t': self.cls_t_name}
 
 

@@ -18,7 +18,7 @@ dropped at test time: the deployed network is the plain student.
 from __future__ import annotations
 
 import time
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from scipy.cluster.hierarchy import linkage
 from torch import Tensor
 
-from crd.criterion import check_crd_options
+from crd.criterion import add_crd_arguments, check_crd_options
+from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
 from distiller_zoo.crd import build_crd_loss
 from helper.errors import UserError
@@ -183,19 +184,36 @@ class DecisionHead(nn.Module):
         return [torch.nonzero(self.class_to_group == g).flatten().tolist() for g in range(len(self.group_weight))]
 
 
+def add_tdd_arguments(parser: ArgumentParser) -> None:
+    """TDD's flags (and TDD+CRD's CRD weight)."""
+    g = parser.add_argument_group('TDD')
+    g.add_argument('--tdd_threshold', type=float, default=0.2,
+                   help='kNN purity below which a class-tree node becomes one coarse group')
+    g.add_argument('--tdd_knn', type=int, default=20, help='neighbours of the kNN purity of a tree node')
+    g.add_argument('--crd_weight', type=float, default=0.8, help='weight of the CRD term of tdd_crd (TDD+CRD)')
+
+
 class TDD(Distiller):
     """``-r`` CE + ``-a`` KL_T + ``-b`` sum over stages of the 1/|group|-weighted coarse CE of the heads."""
 
     name = 'tdd'
     data_mode = 'plain'
     default_weights = (0.1, 0.9, 0.1)   # KamalEngine's TDD config (classify, kd, other)
+    option_groups = (add_tdd_arguments,)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    @classmethod
+    def resolve_options(cls, opt: Namespace) -> Namespace:
         if not 0.0 <= opt.tdd_threshold <= 1.0:
             raise UserError(f"--tdd_threshold must be in [0, 1], got {opt.tdd_threshold}")
-        if not 1 <= opt.tdd_knn <= opt.n_data:
-            raise UserError(f"--tdd_knn must be between 1 and the {opt.n_data} training images, got {opt.tdd_knn}")
+        if opt.tdd_knn < 1:
+            raise UserError(f"--tdd_knn must be at least 1, got {opt.tdd_knn}")
+        return super().resolve_options(opt)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
+        if opt.tdd_knn > info.n_data:   # the flag itself is checked in resolve_options
+            raise UserError(f"--tdd_knn must be between 1 and the {info.n_data} training images, got {opt.tdd_knn}")
         maps_s = stage_maps(probe_features(student, self.image_size))
         maps_t = stage_maps(probe_features(teacher, self.image_size))
         if not maps_s or not maps_t or any(f.dim() != 4 for f in maps_s + maps_t):
@@ -213,8 +231,8 @@ class TDD(Distiller):
         """Build (or reload) one class partition per teacher stage, then the student heads."""
         opt = self.opt
         meta = {'format_version': FORMAT_VERSION, 'teacher_sha256': file_sha256(opt.path_t),
-                'teacher_arch': opt.model_t, 'dataset': opt.dataset, 'num_classes': opt.num_classes,
-                'n_images': opt.n_data, 'stages': self.teacher_stages, 'threshold': float(opt.tdd_threshold),
+                'teacher_arch': opt.model_t, 'dataset': opt.dataset, 'num_classes': self.num_classes,
+                'n_images': self.info.n_data, 'stages': self.teacher_stages, 'threshold': float(opt.tdd_threshold),
                 'knn': int(opt.tdd_knn)}
         path = Path(cache_dir) / 'tdd' / (f"{opt.model_t}_{opt.dataset}_{meta['teacher_sha256'][:12]}"
                                           f"_thr{opt.tdd_threshold:g}_knn{opt.tdd_knn}.pth")
@@ -233,13 +251,13 @@ class TDD(Distiller):
         self.set_partitions(partitions)
         groups = ', '.join(f'stage {s}: {len(p)}' for s, p in zip(self.teacher_stages, partitions))
         print(f'TDD: groups per teacher stage (threshold {opt.tdd_threshold:g}, kNN {opt.tdd_knn}): {groups} '
-              f'of {opt.num_classes} classes; {len(self.heads)} student heads; {how}')
+              f'of {self.num_classes} classes; {len(self.heads)} student heads; {how}')
 
     def _build(self, loader: Iterable, device: torch.device) -> tuple[list[Partition], dict[str, list[Tensor]]]:
-        embeddings, labels = stage_embeddings(self.teacher, loader, self.opt.n_data, device)
+        embeddings, labels = stage_embeddings(self.teacher, loader, self.info.n_data, device)
         partitions, linkages, purities = [], [], []
         for emb in embeddings:
-            partition, info = class_tree_partition(emb, labels, self.opt.num_classes, float(self.opt.tdd_threshold),
+            partition, info = class_tree_partition(emb, labels, self.num_classes, float(self.opt.tdd_threshold),
                                                    int(self.opt.tdd_knn))
             partitions.append(partition)
             linkages.append(info['linkage'])
@@ -258,7 +276,7 @@ class TDD(Distiller):
             if not isinstance(partitions, list) or len(partitions) != len(self.teacher_stages):
                 raise ValueError('wrong number of stages')
             for groups in partitions:
-                check_partition(groups, self.opt.num_classes)
+                check_partition(groups, self.num_classes)
         except (TypeError, ValueError) as err:
             raise UserError(f"TDD cache {path} is damaged ({err}); delete the file to rebuild it") from None
         return partitions
@@ -266,7 +284,7 @@ class TDD(Distiller):
     def set_partitions(self, partitions: list[Partition]) -> None:
         """Install one partition per teacher stage; builds a fresh head for each distilled student stage."""
         device = next(self.student.parameters()).device
-        self.heads = nn.ModuleList(DecisionHead(c, groups, self.opt.num_classes)
+        self.heads = nn.ModuleList(DecisionHead(c, groups, self.num_classes)
                                    for c, groups in zip(self.stage_channels, partitions)).to(device)
         self._correct = [torch.zeros((), dtype=torch.long) for _ in self.heads]
         self._seen = 0
@@ -311,15 +329,18 @@ class TDDCRD(TDD):
     name = 'tdd_crd'
     data_mode = 'crd'
 
-    @classmethod
-    def check_options(cls, opt: Namespace) -> None:
-        super().check_options(opt)
-        check_crd_options(opt)
+    option_groups = (add_tdd_arguments, add_crd_arguments)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace) -> None:
-        super().__init__(student, teacher, opt)
+    @classmethod
+    def resolve_options(cls, opt: Namespace) -> Namespace:
+        check_crd_options(opt)
+        return super().resolve_options(opt)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace,
+                 info: DataInfo) -> None:
+        super().__init__(student, teacher, opt, info)
         self.crd_weight = float(opt.crd_weight)
-        self.criterion_crd = build_crd_loss(student, teacher, opt)
+        self.criterion_crd = build_crd_loss(student, teacher, opt, info)
 
     def forward_train(self, image: Tensor, target: Tensor, *, index: Tensor, contrast_idx: Tensor | None = None,
                       **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:

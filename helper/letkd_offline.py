@@ -2,7 +2,7 @@
 
     python helper/letkd_offline.py --path_t save/models/resnet56_vanilla/ckpt_epoch_240.pth --model_s resnet20
 
-Input: the teacher's maps at the KD places (distiller_zoo/letkd.py, KD_SITES) over the whole training split
+Input: the teacher's maps at the KD places (models/facts.py, ``kd_sites``) over the whole training split
 with the test transform, in order; every position is one sample; a map larger than the student's is
 average-pooled to the student's size first. More than ``--max_positions`` positions: a seeded uniform
 sample of that many (memory: max_positions x channels x 4 bytes).
@@ -32,27 +32,49 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-if __package__ in (None, ''):   # run as `python helper/letkd_offline.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import faiss
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+from torch import Tensor
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from sklearn.discriminant_analysis import LinearDiscriminantAnalysis  # noqa: E402
-
-from dataset import DATASETS, get_dataloaders  # noqa: E402
-from distiller_zoo.letkd import (DEFAULT_MAX_POSITIONS, KD_SITES, ROLES, flatten_positions, kd_sites,  # noqa: E402
-                                 lda_project, nearest_subclass_of_class, pair_shapes, pool_teacher_to, tap)
-from helper.errors import UserError  # noqa: E402
-from helper.options import run_cli, teacher_name_from_path  # noqa: E402
-from helper.util import (file_sha256, load_checkpoint, load_weights, progress, resolve_device,  # noqa: E402
-                         save_checkpoint, state_dict_from_checkpoint)
-from models import create_model, model_dict  # noqa: E402
+from dataset import DATASETS, get_dataloaders
+from helper.errors import UserError
+from helper.options import run_cli, teacher_name_from_path
+from helper.util import file_sha256, load_checkpoint, load_teacher, progress, resolve_device, save_checkpoint
+from models import Site, create_model, model_dict, model_facts, site_shapes, tap
 
 FORMAT_VERSION = 1
 KMEANS_ITERS = 20
 CHUNK = 65_536      # rows per distance computation
+ROLES = ('inter', 'penult')      # the two KD-layer places, in forward order
+DEFAULT_MAX_POSITIONS = 3_200_000  # offline sample bound: all of CIFAR-100's 50,000 x 8x8 positions
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+def add_quantizer_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The flags that define the quantizer files (shared by train_student.py and this CLI)."""
+    g = parser.add_argument_group('letKD / QUEST quantizers')
+    g.add_argument('--k_penult', type=int, default=4096, help='words of the penultimate codebook (k-means K)')
+    g.add_argument('--k_inter', type=int, default=8, help='sub-classes per class at the intermediate layer (letkd2)')
+    g.add_argument('--lda_dim', type=int, default=60,
+                   help='LDA components kept at the intermediate layer (fewer if the rank is smaller)')
+    g.add_argument('--quantizer_seed', type=int, default=0,
+                   help='seed of the offline quantizers (k-means, position sampling); the same for every trial')
+    g.add_argument('--max_positions', type=int, default=DEFAULT_MAX_POSITIONS,
+                   help='offline quantizers sample at most this many teacher positions per layer '
+                        '(default: all of CIFAR-100 at 8x8)')
+    return g
+
+
+def check_quantizer_options(opt: argparse.Namespace) -> None:
+    """UserError for unusable quantizer flags."""
+    for flag in ('k_penult', 'k_inter', 'lda_dim', 'max_positions'):
+        if getattr(opt, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
 
 
 @dataclass(frozen=True)
@@ -67,8 +89,64 @@ class OfflineSettings:
 
     @classmethod
     def from_opt(cls, opt: argparse.Namespace) -> 'OfflineSettings':
-        """From train_student.py's flags (``--quantizer_seed`` is the seed)."""
+        """From the flags of ``add_quantizer_arguments`` (``--quantizer_seed`` is the seed)."""
         return cls(opt.k_penult, opt.k_inter, opt.lda_dim, opt.quantizer_seed, opt.max_positions)
+
+
+# ---------------------------------------------------------------------------------------------- places and maps
+
+def kd_sites(model_name: str, roles: tuple[str, ...] = ROLES) -> dict[str, Site]:
+    """The KD-layer places (models/facts.py) of a model of the zoo, for ``roles``."""
+    sites = model_facts(model_name).kd_sites
+    return {role: sites[role] for role in roles}
+
+
+def pair_shapes(student: nn.Module, teacher: nn.Module, model_s: str, model_t: str, roles: tuple[str, ...],
+                image_size: int) -> tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int, int]]]:
+    """(student, teacher) site shapes; UserError when a teacher map is smaller than the student's
+    (the teacher is average-pooled down to the student's size, never up)."""
+    shapes_s = site_shapes(student, kd_sites(model_s, roles), image_size)
+    shapes_t = site_shapes(teacher, kd_sites(model_t, roles), image_size)
+    for role in roles:
+        (_, hs, ws), (_, ht, wt) = shapes_s[role], shapes_t[role]
+        if ht < hs or wt < ws:
+            raise UserError(f"{model_t} -> {model_s}: the teacher's {role} map is {ht}x{wt}, smaller than the "
+                            f"student's {hs}x{ws}; letKD/QUEST need a teacher map at least as large")
+    return shapes_s, shapes_t
+
+
+def pool_teacher_to(t: Tensor, size: tuple[int, int]) -> Tensor:
+    """Average-pool a teacher map (B, D, H, W) down to ``size`` (e.g. 8x8 -> 4x4 is 2x2 / stride 2)."""
+    return t if tuple(t.shape[2:]) == tuple(size) else F.adaptive_avg_pool2d(t, tuple(size))
+
+
+def flatten_positions(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B*H*W, C): one row per position, ordered image, row, column."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- quantizer maths
+
+def codebook_targets(t: Tensor, centroids: Tensor, tau: float) -> Tensor:
+    """``softmax_k(-tau * ||t_n - rho_k||^2)`` for rows t (N, D) and centroids rho (K, D) -> (N, K)."""
+    # ||t_n||^2 is the same for every k and cancels in the softmax; leaving it out avoids cancellation error
+    logits = tau * (2.0 * t @ centroids.t() - centroids.pow(2).sum(1))
+    return logits.softmax(dim=1)
+
+
+def lda_project(t: Tensor, xbar: Tensor, scalings: Tensor) -> Tensor:
+    """The teacher's LDA projection ``(t - xbar) @ scalings``: (N, D) -> (N, n_comp)."""
+    return (t - xbar) @ scalings
+
+
+def nearest_subclass_of_class(z: Tensor, labels: Tensor, centroids: Tensor, k_inter: int) -> Tensor:
+    """Global index of the nearest of the ``k_inter`` centroids of class ``labels[n]`` for each row z_n.
+
+    z (N, n_comp); labels (N,); centroids (classes * k_inter, n_comp), sub-class j belonging to class
+    j // k_inter. Returns (N,) long.
+    """
+    own = centroids.view(-1, k_inter, centroids.shape[1])[labels]            # (N, k_inter, n_comp)
+    return labels * k_inter + (z.unsqueeze(1) - own).pow(2).sum(2).argmin(1)
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -217,7 +295,7 @@ def expected_meta(role: str, *, teacher_sha256: str, teacher_arch: str, dataset:
     """The metadata a quantizer file must carry to be used for this teacher, data and settings."""
     meta: dict[str, Any] = {
         'format_version': FORMAT_VERSION, 'layer': role, 'teacher_sha256': teacher_sha256,
-        'teacher_arch': teacher_arch, 'site': KD_SITES[teacher_arch][role].module, 'dataset': dataset,
+        'teacher_arch': teacher_arch, 'site': kd_sites(teacher_arch, (role,))[role].module, 'dataset': dataset,
         'n_images': n_images, 'num_classes': num_classes, 'pool_size': [int(s) for s in pool_size],
         'seed': settings.seed, 'max_positions': settings.max_positions, 'kmeans_iters': KMEANS_ITERS,
     }
@@ -312,13 +390,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--no_download', dest='download', action='store_false', help='never download CIFAR-100')
     parser.add_argument('--layers', nargs='+', default=list(ROLES), choices=ROLES,
                         help='which quantizers: penult (letKD-1, QUEST) and/or inter (letKD-2)')
-    parser.add_argument('--k_penult', type=int, default=4096, help='words of the penultimate codebook')
-    parser.add_argument('--k_inter', type=int, default=8, help='sub-classes per class')
-    parser.add_argument('--lda_dim', type=int, default=60, help='LDA components kept (fewer if the rank is smaller)')
-    parser.add_argument('--max_positions', type=int, default=DEFAULT_MAX_POSITIONS,
-                        help='sample at most this many positions per layer (default: all of CIFAR-100 at 8x8)')
-    parser.add_argument('--seed', type=int, default=0, help="seed of k-means and position sampling "
-                                                              "(train_student.py's --quantizer_seed)")
+    group = add_quantizer_arguments(parser)
+    group.add_argument('--seed', dest='quantizer_seed', type=int, help='the same as --quantizer_seed')
     parser.add_argument('--batch_size', type=int, default=64)
     parser.add_argument('--num_workers', type=int, default=8)
     parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
@@ -334,21 +407,20 @@ def main(opt: argparse.Namespace) -> dict[str, Path]:
     for flag, name in (('--model_t', model_t), ('--model_s', opt.model_s)):
         if name not in model_dict:
             raise UserError(f"unknown {flag} {name!r}; choose one of: {', '.join(model_dict)}")
-    for flag in ('k_penult', 'k_inter', 'lda_dim', 'max_positions', 'batch_size'):
-        if getattr(opt, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
+    check_quantizer_options(opt)
+    if opt.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {opt.batch_size}")
+    if not Path(opt.path_t).is_file():
+        raise UserError(f"teacher checkpoint not found: {opt.path_t}")
     roles = tuple(role for role in ROLES if role in opt.layers)
     device = resolve_device(opt.device)
     data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode='plain',
                            download=opt.download, test_batch_size=opt.batch_size, pin_memory=device.type == 'cuda')
-    teacher = create_model(model_t, num_classes=data.num_classes)
-    load_weights(teacher, state_dict_from_checkpoint(load_checkpoint(opt.path_t, trust=opt.trust_checkpoint),
-                                                     opt.path_t), model_t, opt.path_t)
-    teacher = teacher.to(device).eval()
+    teacher = load_teacher(opt.path_t, model_t, data.num_classes, opt.trust_checkpoint).to(device).eval()
     student = create_model(opt.model_s, num_classes=data.num_classes).to(device)
     shapes_s, _ = pair_shapes(student, teacher, opt.model_s, model_t, roles, data.image_size)
     pool_sizes = {role: shapes_s[role][1:] for role in roles}
-    settings = OfflineSettings(opt.k_penult, opt.k_inter, opt.lda_dim, opt.seed, opt.max_positions)
+    settings = OfflineSettings.from_opt(opt)
     cache_dir = Path(opt.save_dir) / 'cache'
     ensure_quantizers(teacher, teacher_arch=model_t, teacher_path=opt.path_t, roles=roles, pool_sizes=pool_sizes,
                       loader=data.train_eval_loader, dataset=opt.dataset, num_classes=data.num_classes,

@@ -52,20 +52,46 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                    help="separator in student folder names (RepDistiller's ':'; '~' is Windows-safe)")
 
 
-def finalize_common(opt: argparse.Namespace, model_name: str) -> None:
-    """Resolve defaults that depend on other flags and reject bad combinations (UserError)."""
+class ResolvedOptions(argparse.Namespace):
+    """The options of a run after resolution: read-only, so no module writes into them afterwards."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the resolved options are read-only (tried to set {name!r}); "
+                             "derive values in the method's resolve_options instead")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"the resolved options are read-only (tried to delete {name!r})")
+
+
+def updated(opt: argparse.Namespace, **values: Any) -> argparse.Namespace:
+    """A copy of ``opt`` (a plain Namespace) with ``values`` set; ``opt`` itself is left as it is."""
+    return argparse.Namespace(**{**vars(opt), **values})
+
+
+def freeze(opt: argparse.Namespace) -> ResolvedOptions:
+    """A read-only copy of ``opt``."""
+    return ResolvedOptions(**vars(opt))
+
+
+def resolve_common(opt: argparse.Namespace, model_name: str) -> argparse.Namespace:
+    """``opt`` with the defaults that depend on other flags resolved (lr, milestones, trial, seed);
+    UserError for bad values. Returns a new Namespace."""
+    values: dict[str, Any] = {'trial': str(opt.trial)}
     if opt.learning_rate is None:
-        opt.learning_rate = default_learning_rate(model_name)
-    opt.lr_decay_epochs = parse_milestones(opt.lr_decay_epochs) if isinstance(opt.lr_decay_epochs, str) \
+        values['learning_rate'] = default_learning_rate(model_name)
+    values['lr_decay_epochs'] = parse_milestones(opt.lr_decay_epochs) if isinstance(opt.lr_decay_epochs, str) \
         else list(opt.lr_decay_epochs)
-    opt.trial = str(opt.trial)
     if opt.seed is None:
-        opt.seed = seed_from_trial(opt.trial)
+        values['seed'] = seed_from_trial(values['trial'])
     for flag in ('epochs', 'batch_size', 'save_freq'):
         if getattr(opt, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
     if opt.num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {opt.num_workers}")
+    return updated(opt, **values)
 
 
 def teacher_folder_name(opt: argparse.Namespace) -> str:

@@ -2,36 +2,51 @@
 
 The teacher and the student are in eval mode, only ``init_modules`` train (their BN layers update their
 running statistics), with a fresh SGD at a constant learning rate for ``--init_epochs`` epochs over the
-training loader. The method supplies the loss of one batch.
+training loader. The method supplies the loss of one batch; ``InitStageMethod`` gives AB/FT/FSP the
+``--init_epochs`` flag and the stage's learning rate.
 """
 from __future__ import annotations
 
 import time
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from dataset import set_epoch
+from helper.errors import UserError
 from helper.util import AverageMeter
 from helper.util import progress as progress_bar
 
-# RepDistiller trains FT's paraphraser at lr 0.01 when the student is one of these; otherwise at --learning_rate
-CIFAR_RESNET_STUDENTS = frozenset({'resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110',
-                                   'resnet8x4', 'resnet32x4', 'wrn_16_1', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2'})
+def add_init_stage_arguments(parser: ArgumentParser) -> None:
+    """The init stage's flag (RepDistiller's)."""
+    g = parser.add_argument_group('init stage (abound, factor, fsp)')
+    g.add_argument('--init_epochs', type=int, default=30, help='init-stage epochs of abound, factor, fsp')
 
 
-def init_learning_rate(opt: Namespace) -> float:
-    """The init stage's constant lr: 0.01 for ``factor`` with a CIFAR ResNet/WRN student, else ``opt.learning_rate``."""
-    if opt.distill == 'factor' and opt.model_s in CIFAR_RESNET_STUDENTS:
-        return 0.01
-    return float(opt.learning_rate)
+class InitStageMethod:
+    """Mixin of the Distillers with an init stage (AB, FT, FSP): its flag, its check and its learning rate."""
+
+    option_groups = (add_init_stage_arguments,)
+
+    @classmethod
+    def resolve_options(cls, opt: Namespace) -> Namespace:
+        if opt.init_epochs < 0:
+            raise UserError(f"--init_epochs must be >= 0, got {opt.init_epochs}")
+        return super().resolve_options(opt)  # type: ignore[misc]
+
+    @classmethod
+    def init_learning_rate(cls, opt: Namespace) -> float:
+        """The init stage's constant lr: ``--learning_rate`` (FT overrides it)."""
+        return float(opt.learning_rate)
 
 
 def run_init_stage(distiller: nn.Module, init_modules: nn.Module, batch_loss: Callable[[torch.Tensor], torch.Tensor],
-                   data: Any, opt: Namespace, device: torch.device, progress: bool | None = None) -> list[float]:
-    """Train ``init_modules`` alone for ``opt.init_epochs`` epochs; returns the average loss of each epoch.
+                   data: Any, opt: Namespace, device: torch.device, lr: float, progress: bool | None = None
+                   ) -> list[float]:
+    """Train ``init_modules`` alone for ``opt.init_epochs`` epochs at the constant ``lr``; returns the
+    average loss of each epoch.
 
     ``batch_loss(image)`` maps a (B, 3, H, W) batch on ``device`` to the scalar init loss.
     ``data`` is a DataBundle (its ``train_loader`` is reseeded per epoch with ``set_epoch(data, e, opt.seed)``).
@@ -42,7 +57,6 @@ def run_init_stage(distiller: nn.Module, init_modules: nn.Module, batch_loss: Ca
     was_trainable = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    lr = init_learning_rate(opt)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
     history = []
     try:

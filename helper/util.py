@@ -19,13 +19,10 @@ from tqdm import tqdm
 
 from helper.errors import UserError
 
-# Students that RepDistiller (and the letKD paper) train with lr 0.01 instead of 0.05.
-LOW_LR_MODELS = ('MobileNetV2', 'ShuffleV1', 'ShuffleV2')
-
-
 def default_learning_rate(model_name: str) -> float:
     """The protocol's initial learning rate for a model: 0.01 for MobileNet/ShuffleNet, else 0.05."""
-    return 0.01 if model_name in LOW_LR_MODELS else 0.05
+    from models import model_facts   # models import helper.errors only; kept local so helper stays light
+    return 0.01 if model_facts(model_name).low_lr else 0.05
 
 
 def parse_milestones(text: str) -> list[int]:
@@ -253,3 +250,12 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], model_name: s
                         + " (check --model_t / the folder name and the dataset's number of classes)")
     model.load_state_dict(state, strict=True)
 
+
+
+def load_teacher(path: str | os.PathLike, model_name: str, num_classes: int, trust: bool = False) -> nn.Module:
+    """Build ``model_name`` and load the checkpoint strictly (CPU map_location; weights_only unless trusted)."""
+    from models import create_model
+    ckpt = load_checkpoint(path, map_location='cpu', trust=trust)
+    model = create_model(model_name, num_classes=num_classes)
+    load_weights(model, state_dict_from_checkpoint(ckpt, path), model_name, path)
+    return model
