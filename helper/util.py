@@ -110,14 +110,18 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of rng_state()."""
+    """Inverse of rng_state(); expects CPU tensors (load the checkpoint with map_location='cpu').
+
+    CUDA generators are restored when CUDA is available, one state per visible device (a run resumed
+    with fewer visible GPUs than it was saved with restores the first ones).
+    """
     version, internal, gauss = state['python']
     random.setstate((version, tuple(internal), gauss))
     np_name, np_keys, np_pos, np_gauss, np_cached = state['numpy']
     np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_gauss, np_cached))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state_all(list(state['cuda'])[:torch.cuda.device_count()])
 
 
 def resolve_device(name: str) -> torch.device:
