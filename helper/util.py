@@ -1,6 +1,7 @@
 """Small shared utilities: LR schedule, meters, accuracy, seeding, devices, checkpoint I/O."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -192,9 +193,35 @@ def atomic_write_bytes(path: str | os.PathLike, writer) -> None:
         raise
 
 
+def to_cpu(obj: Any) -> Any:
+    """A copy of ``obj`` with every tensor moved to the CPU, through nested dicts, lists and tuples.
+
+    Containers keep their type and keys (an OrderedDict state_dict keeps its ``_metadata``); tensors
+    already on the CPU are not copied; anything else is returned as is.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)          # same class and instance attributes (state_dict._metadata)
+        for key, value in obj.items():
+            out[key] = to_cpu(value)
+        return out
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [to_cpu(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, '_fields') else type(obj)(items)
+    return obj
+
+
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    """torch.save, atomically (a crash never leaves a half-written checkpoint)."""
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+    """torch.save of a CPU copy of ``obj``, atomically (a crash never leaves a half-written checkpoint).
+
+    Every tensor (weights, optimizer state, RNG states) is written on the CPU, so the file loads with a
+    plain ``torch.load`` on a machine without a GPU, as RepDistiller-style tools do.
+    """
+    cpu_obj = to_cpu(obj)
+    atomic_write_bytes(path, lambda f: torch.save(cpu_obj, f))
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

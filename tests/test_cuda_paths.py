@@ -76,3 +76,53 @@ def test_cuda_rng_states_are_saved_and_restored_for_the_visible_devices(tmp_path
     for states in restored:
         for got, want in zip(states, saved):
             assert got.device.type == 'cpu' and got.dtype == torch.uint8 and torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def _structure(obj: Any) -> Any:
+    """The object with each tensor replaced by (shape, dtype): keys, types and plain values kept."""
+    if isinstance(obj, torch.Tensor):
+        return ('tensor', tuple(obj.shape), obj.dtype)
+    if isinstance(obj, dict):
+        return (type(obj).__name__, [(k, _structure(v)) for k, v in obj.items()])
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, [_structure(v) for v in obj])
+    return obj
+
+
+def test_checkpoints_are_written_with_cpu_tensors_only(tmp_path, monkeypatch):
+    """Weights, optimizer state and RNG states held on the GPU are written as CPU tensors, keys unchanged."""
+    with FakeTensorMode():           # tensors that claim to live on cuda:0, no GPU needed
+        model = OrderedDict(weight=torch.ones(3, 2, device='cuda'), bias=torch.zeros(3, device='cuda'),
+                            num_batches_tracked=torch.tensor(5, device='cuda'))
+        model._metadata = OrderedDict({'': {'version': 2}})
+        optimizer = {'state': {0: {'momentum_buffer': torch.ones(3, 2, device='cuda')}},
+                     'param_groups': [{'lr': 0.05, 'params': [0, 1]}]}
+        rng = {'python': (3, (1, 2), None), 'torch': torch.zeros(8, dtype=torch.uint8),
+               'cuda': [torch.zeros(16, dtype=torch.uint8, device='cuda')]}
+        ckpt = {'epoch': 3, 'model': model, 'accuracy': 12.5, 'optimizer': optimizer, 'rng': rng,
+                'distiller': {'memory': [torch.ones(4, device='cuda')]}}
+    assert any(t.device.type == 'cuda' for t in _tensors(ckpt))
+    written: list[Any] = []
+    monkeypatch.setattr(torch, 'save', lambda obj, f: written.append(obj))
+    save_checkpoint(ckpt, tmp_path / 'ckpt.pth')
+
+    (obj,) = written
+    devices = {t.device.type for t in _tensors(obj)}
+    assert devices == {'cpu'}, f'checkpoint written with tensors on {devices}'
+    assert _structure(obj) == _structure(ckpt)                   # same keys, containers and plain values
+    assert obj['model']._metadata == {'': {'version': 2}}       # load_state_dict still sees the versions
+    assert all(t.device.type == 'cuda' for t in _tensors(ckpt['model']))   # the caller's state is untouched
