@@ -126,3 +126,57 @@ def test_checkpoints_are_written_with_cpu_tensors_only(tmp_path, monkeypatch):
     assert _structure(obj) == _structure(ckpt)                   # same keys, containers and plain values
     assert obj['model']._metadata == {'': {'version': 2}}       # load_state_dict still sees the versions
     assert all(t.device.type == 'cuda' for t in _tensors(ckpt['model']))   # the caller's state is untouched
+
+
+# ---------------------------------------------------------------------------------------------- pooling
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the name of every aten op that runs inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('big, small', [((32, 32), (16, 16)), ((16, 16), (8, 8)), ((32, 32), (8, 8)),
+                                        ((8, 6), (4, 3)), ((8, 8), (4, 2))])
+@pytest.mark.parametrize('big_first', [True, False])
+def test_pool_to_smaller_uses_deterministic_avg_pool_for_integer_ratios(big, small, big_first):
+    """Same values as adaptive pooling, but through avg_pool2d (forward and backward), never adaptive pooling."""
+    torch.manual_seed(0)
+    large = torch.randn(2, 3, *big, requires_grad=True)
+    other = torch.randn(2, 3, *small)
+    with _AtenOps() as mode:
+        a, b = pool_to_smaller(large, other) if big_first else pool_to_smaller(other, large)
+        pooled = a if big_first else b
+        pooled.square().sum().backward()
+    assert 'avg_pool2d' in mode.ops and 'avg_pool2d_backward' in mode.ops
+    assert not [op for op in mode.ops if 'adaptive' in op], mode.ops
+    assert torch.allclose(pooled, F.adaptive_avg_pool2d(large, small), atol=1e-6)
+    assert (b if big_first else a) is other
+
+
+def test_pool_to_smaller_falls_back_to_adaptive_pooling_for_other_ratios():
+    torch.manual_seed(0)
+    large, other = torch.randn(1, 2, 7, 7), torch.randn(1, 2, 3, 3)
+    with _AtenOps() as mode:
+        pooled, _ = pool_to_smaller(large, other)
+    assert '_adaptive_avg_pool2d' in mode.ops
+    assert torch.equal(pooled, F.adaptive_avg_pool2d(large, (3, 3)))
+
+
+def test_fsp_loss_backward_runs_no_adaptive_pooling():
+    """FSP on 32/16/8 maps (resnet CIFAR stages): the ops that --deterministic on CUDA needs."""
+    torch.manual_seed(0)
+    shapes = [(2, 16, 32, 32), (2, 16, 16, 16), (2, 16, 8, 8)]
+    g_s = [torch.randn(*s, requires_grad=True) for s in shapes]
+    g_t = [torch.randn(*s) for s in shapes]
+    with _AtenOps() as mode:
+        sum(FSP(shapes, shapes)(g_s, g_t)).backward()
+    assert 'avg_pool2d_backward' in mode.ops
+    assert not [op for op in mode.ops if 'adaptive' in op]
