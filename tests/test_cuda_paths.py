@@ -180,3 +180,86 @@ def test_fsp_loss_backward_runs_no_adaptive_pooling():
         sum(FSP(shapes, shapes)(g_s, g_t)).backward()
     assert 'avg_pool2d_backward' in mode.ops
     assert not [op for op in mode.ops if 'adaptive' in op]
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+
+class _FakeProc:
+    returncode = 0
+
+    def poll(self) -> int:
+        return 0
+
+
+@pytest.fixture
+def children(monkeypatch) -> list[dict[str, Any]]:
+    """Every child the launcher starts, as {'argv', 'env'}; nothing really runs."""
+    started: list[dict[str, Any]] = []
+
+    def fake_popen(argv, **kwargs):  # noqa: ANN001
+        started.append({'argv': list(argv), 'env': dict(kwargs['env'])})
+        return _FakeProc()
+
+    monkeypatch.setattr(launch.subprocess, 'Popen', fake_popen)
+    return started
+
+
+def _commands(tmp_path: Path, n: int, extra: str = '') -> str:
+    lines = [f'python train_teacher.py --model resnet8 --trial {i} --save_dir {tmp_path / "save"} {extra}'
+             for i in range(n)]
+    path = tmp_path / 'commands.txt'
+    path.write_text('\n'.join(lines) + '\n')
+    return str(path)
+
+
+def _main(tmp_path: Path, commands: str, *flags: str) -> int:
+    return launch.main([commands, '--poll', '0', '--log_dir', str(tmp_path / 'logs'), *flags])
+
+
+@pytest.mark.parametrize('parent, gpus, expected', [
+    ('4,5', '1', ['5']),
+    ('4,5', '0,1', ['4', '5']),
+    ('GPU-0a1b,GPU-2c3d', '1', ['GPU-2c3d']),
+    (None, '1', ['1']),
+])
+def test_launcher_maps_gpu_positions_through_the_parents_visible_devices(tmp_path, monkeypatch, children,
+                                                                         parent, gpus, expected):
+    if parent is None:
+        monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    else:
+        monkeypatch.setenv('CUDA_VISIBLE_DEVICES', parent)
+    assert _main(tmp_path, _commands(tmp_path, len(expected)), '--gpus', gpus) == 0
+    assert [c['env']['CUDA_VISIBLE_DEVICES'] for c in children] == expected
+
+
+def test_launcher_default_uses_every_visible_gpu_by_its_real_id(tmp_path, monkeypatch, children):
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '4,5')
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    args = argparse.Namespace(gpus=None, jobs_per_gpu=2, jobs=1)
+    assert launch.slots_from(args) == ['4', '4', '5', '5']
+
+
+def test_launcher_refuses_a_gpu_position_that_is_not_visible(tmp_path, monkeypatch, children):
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '4,5')
+    with pytest.raises(SystemExit, match='not a position'):
+        _main(tmp_path, _commands(tmp_path, 1), '--gpus', '2')
+    assert children == []
+
+
+def test_launcher_cpu_slots_hide_the_gpus_and_ask_for_the_cpu(tmp_path, monkeypatch, children):
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '4,5')
+    assert _main(tmp_path, _commands(tmp_path, 2), '--gpus', '', '--jobs', '2') == 0
+    assert len(children) == 2
+    for child in children:
+        assert child['env']['CUDA_VISIBLE_DEVICES'] == ''
+        assert child['argv'][-2:] == ['--device', 'cpu']
+
+
+@pytest.mark.parametrize('device_flag', ['--device cpu', '--device=auto'])
+def test_launcher_cpu_slots_keep_a_device_the_command_names(tmp_path, monkeypatch, children, device_flag):
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    assert _main(tmp_path, _commands(tmp_path, 1, device_flag), '--gpus', '') == 0
+    (child,) = children
+    assert child['env']['CUDA_VISIBLE_DEVICES'] == ''
+    assert sum(a.startswith('--device') for a in child['argv']) == 1
