@@ -95,7 +95,8 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
     start_epoch, best_acc, best_epoch, wall_time = 1, -1.0, 0, 0.0
     history: list[dict[str, Any]] = []
     if cfg.resume:
-        ckpt = load_checkpoint(run_dir / LAST, map_location=device)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict places weights and optimizer state
+        ckpt = load_checkpoint(run_dir / LAST, map_location='cpu')
         distiller.load_state_dict_without_teacher(ckpt['distiller'])
         optimizer.load_state_dict(ckpt['optimizer'])
         start_epoch = ckpt['epoch'] + 1

@@ -1,6 +1,7 @@
 """Small shared utilities: LR schedule, meters, accuracy, seeding, devices, checkpoint I/O."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -107,14 +108,18 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of rng_state()."""
+    """Inverse of rng_state(); expects CPU tensors (load the checkpoint with map_location='cpu').
+
+    CUDA generators are restored when CUDA is available, one state per visible device (a run resumed
+    with fewer visible GPUs than it was saved with restores the first ones).
+    """
     version, internal, gauss = state['python']
     random.setstate((version, tuple(internal), gauss))
     np_name, np_keys, np_pos, np_gauss, np_cached = state['numpy']
     np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_gauss, np_cached))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state_all(list(state['cuda'])[:torch.cuda.device_count()])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -185,9 +190,35 @@ def atomic_write_bytes(path: str | os.PathLike, writer) -> None:
         raise
 
 
+def to_cpu(obj: Any) -> Any:
+    """A copy of ``obj`` with every tensor moved to the CPU, through nested dicts, lists and tuples.
+
+    Containers keep their type and keys (an OrderedDict state_dict keeps its ``_metadata``); tensors
+    already on the CPU are not copied; anything else is returned as is.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)          # same class and instance attributes (state_dict._metadata)
+        for key, value in obj.items():
+            out[key] = to_cpu(value)
+        return out
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [to_cpu(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, '_fields') else type(obj)(items)
+    return obj
+
+
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    """torch.save, atomically (a crash never leaves a half-written checkpoint)."""
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+    """torch.save of a CPU copy of ``obj``, atomically (a crash never leaves a half-written checkpoint).
+
+    Every tensor (weights, optimizer state, RNG states) is written on the CPU, so the file loads with a
+    plain ``torch.load`` on a machine without a GPU, as RepDistiller-style tools do.
+    """
+    cpu_obj = to_cpu(obj)
+    atomic_write_bytes(path, lambda f: torch.save(cpu_obj, f))
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

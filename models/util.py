@@ -13,17 +13,33 @@ from torch import Tensor
 from helper.errors import UserError
 
 
+def _pool_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Average-pool a (B, C, H, W) map to ``size`` = (h, w).
+
+    When h divides H and w divides W this is ``avg_pool2d`` with kernel = stride = the ratio: the same
+    values as adaptive pooling, and its backward has a deterministic CUDA kernel (adaptive pooling's
+    has none, so ``--deterministic`` on CUDA would stop there). Non-integer ratios fall back to
+    ``adaptive_avg_pool2d``, whose CUDA backward is not deterministic.
+    """
+    (h_in, w_in), (h, w) = x.shape[2:], size
+    if h_in % h == 0 and w_in % w == 0:
+        ratio = (h_in // h, w_in // w)
+        return F.avg_pool2d(x, kernel_size=ratio, stride=ratio)
+    return F.adaptive_avg_pool2d(x, (h, w))
+
+
 def pool_to_smaller(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Spatially align two (B, C, H, W) maps by adaptive-average-pooling the larger one to the smaller size.
+    """Spatially align two (B, C, H, W) maps by average-pooling the larger one to the smaller size.
 
     RepDistiller's rule for AT, NST, VID, FT, FSP and SimKD (square maps assumed there; here any H, W).
+    Integer ratios (32 -> 16 -> 8, the usual case) use a deterministic ``avg_pool2d``; see ``_pool_to``.
     """
     ha, hb = a.shape[2:], b.shape[2:]
     if ha == hb:
         return a, b
     if ha[0] > hb[0]:
-        return F.adaptive_avg_pool2d(a, hb), b
-    return a, F.adaptive_avg_pool2d(b, ha)
+        return _pool_to(a, hb), b
+    return a, _pool_to(b, ha)
 
 
 # ---- FitNet / AB / FT / CC / CRD helper modules (ConvReg, Connector, Paraphraser, Translator, Embed, LinearEmbed)

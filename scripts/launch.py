@@ -9,6 +9,9 @@ One command per line (train_teacher.py / train_student.py; '#' lines are comment
 its run folder: a run whose summary.json exists is skipped, one with a last.pth is continued with
 --resume, one whose folder exists without a checkpoint is restarted with --overwrite. Each run
 logs to <log_dir>/<run folder name>.log. Without GPUs, --jobs runs that many at once on the CPU.
+--gpus takes positions among this process's visible GPUs; each child's CUDA_VISIBLE_DEVICES gets
+the matching entry of the parent's (an index or a UUID). CPU children see no GPU and get --device cpu
+unless their command names a device.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,27 +76,70 @@ def read_stages(path: str) -> list[list[list[str]]]:
     return [s for s in stages if s]
 
 
-def slots_from(args: argparse.Namespace) -> list[str | None]:
-    """One entry per concurrent job: the GPU id it runs on, or None for CPU."""
+def parent_visible_devices(env: Mapping[str, str]) -> list[str] | None:
+    """The parent's CUDA_VISIBLE_DEVICES entries (indices or GPU/MIG UUIDs), or None when it is unset."""
+    value = env.get('CUDA_VISIBLE_DEVICES')
+    if value is None:
+        return None
+    return [d.strip() for d in value.split(',') if d.strip()]
+
+
+def child_device(position: str, visible: list[str] | None) -> str:
+    """The CUDA_VISIBLE_DEVICES value for a child that runs on GPU ``position`` of the parent's visible list.
+
+    Positions count the GPUs this process sees (as torch numbers them); under CUDA_VISIBLE_DEVICES=4,5
+    position 1 is the machine's GPU 5, not its GPU 1.
+    """
+    if visible is None:
+        return position
+    try:
+        return visible[int(position)]
+    except (ValueError, IndexError):
+        raise SystemExit(f'launch.py: --gpus {position!r} is not a position in the visible GPUs '
+                         f'(CUDA_VISIBLE_DEVICES={",".join(visible)!r})') from None
+
+
+def slots_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> list[str | None]:
+    """One entry per concurrent job: the child's CUDA_VISIBLE_DEVICES value, or None for a CPU slot.
+
+    ``--gpus`` (and the default, every visible GPU) gives positions in this process's visible list;
+    they are mapped through the parent's CUDA_VISIBLE_DEVICES.
+    """
+    env = os.environ if env is None else env
     if args.gpus is None:
         import torch
         gpus = [str(i) for i in range(torch.cuda.device_count())]
     else:
-        gpus = [g for g in args.gpus.split(',') if g != '']
+        gpus = [g.strip() for g in args.gpus.split(',') if g.strip() != '']
     if not gpus:
         return [None] * args.jobs
-    return [g for g in gpus for _ in range(args.jobs_per_gpu)]
+    visible = parent_visible_devices(env)
+    return [child_device(g, visible) for g in gpus for _ in range(args.jobs_per_gpu)]
+
+
+def has_flag(argv: list[str], flag: str) -> bool:
+    """Whether ``flag`` appears in ``argv`` as ``--flag value`` or ``--flag=value``."""
+    return any(a == flag or a.startswith(flag + '=') for a in argv)
 
 
 def launch(job: Job, gpu: str | None, log_dir: Path) -> subprocess.Popen:
+    """Start ``job`` on one GPU (``gpu`` is the child's CUDA_VISIBLE_DEVICES value) or, for None, on the CPU.
+
+    A CPU child sees no GPU (CUDA_VISIBLE_DEVICES='') and gets ``--device cpu`` unless it names a device.
+    """
     env = dict(os.environ)
+    argv = list(job.argv)
     if gpu is not None:
         env['CUDA_VISIBLE_DEVICES'] = gpu
+    else:
+        env['CUDA_VISIBLE_DEVICES'] = ''
+        if not has_flag(argv, '--device'):
+            argv += ['--device', 'cpu']
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f'{job.run_dir.name}.log', 'a')
-    log.write(f'\n$ {shlex.join(job.argv)}\n')
+    log.write(f'\n$ {shlex.join(argv)}\n')
     log.flush()
-    argv = [sys.executable if a == 'python' else a for a in job.argv]
+    argv = [sys.executable if a == 'python' else a for a in argv]
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -126,7 +173,8 @@ def run_stage(jobs: list[Job], slots: list[str | None], log_dir: Path, poll_s: f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('commands', help="file with one command per line, or '-' for stdin")
-    parser.add_argument('--gpus', default=None, help='comma-separated GPU ids (default: all visible; "" for CPU)')
+    parser.add_argument('--gpus', default=None, help='comma-separated GPU positions among the visible ones, mapped through '
+                             'CUDA_VISIBLE_DEVICES (default: all visible; "" for CPU)')
     parser.add_argument('--jobs_per_gpu', type=int, default=1)
     parser.add_argument('--jobs', type=int, default=1, help='concurrent jobs when there is no GPU')
     parser.add_argument('--log_dir', default='./save/logs')
