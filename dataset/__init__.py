@@ -30,7 +30,7 @@ MODES = ("plain", "instance", "crd")
 
 __all__ = [
     "DATASETS", "MODES", "DataBundle", "DataInfo", "get_dataloaders", "get_datasets", "get_transforms", "set_epoch",
-    "IndexedDataset", "ContrastiveSampleDataset",
+    "IndexedDataset", "ContrastiveSampleDataset", "get_cifar100_dataloaders", "get_cifar100_dataloaders_sample",
 ]
 
 _MODULES = {"cifar100": cifar100, "tinyimagenet": tinyimagenet, "imagenet": imagenet, "digits": digits}
@@ -184,3 +184,54 @@ def set_epoch(bundle_or_loader: DataBundle | DataLoader, epoch: int, seed: int) 
     dataset_set_epoch = getattr(loader.dataset, "set_epoch", None)
     if callable(dataset_set_epoch):
         dataset_set_epoch(epoch)
+
+
+# RepDistiller's CIFAR-100 loader functions (dataset/cifar100.py there): thin wrappers over get_dataloaders
+
+def get_cifar100_dataloaders(
+    batch_size: int = 128,
+    num_workers: int = 8,
+    is_instance: bool = False,
+    *,
+    data_folder: str | Path = "./data",
+    pad_mode: str = "zero",
+    download: bool = True,
+    seed: int = 0,
+) -> tuple[DataLoader, DataLoader] | tuple[DataLoader, DataLoader, int]:
+    """RepDistiller's loader pair: (train, test), or (train, test, n_data) when is_instance.
+
+    Train items are (img, target), or (img, target, index) when is_instance; the test loader
+    uses batch_size // 2 and yields (img, target).
+    """
+    bundle = get_dataloaders(
+        "cifar100", str(data_folder), batch_size, num_workers,
+        mode="instance" if is_instance else "plain", pad_mode=pad_mode, download=download, seed=seed,
+    )
+    if is_instance:
+        return bundle.train_loader, bundle.val_loader, bundle.n_data
+    return bundle.train_loader, bundle.val_loader
+
+
+def get_cifar100_dataloaders_sample(
+    batch_size: int = 128,
+    num_workers: int = 8,
+    k: int = 4096,
+    mode: str = "exact",
+    is_sample: bool = True,
+    percent: float = 1.0,
+    *,
+    data_folder: str | Path = "./data",
+    pad_mode: str = "zero",
+    download: bool = True,
+    seed: int = 0,
+) -> tuple[DataLoader, DataLoader, int]:
+    """RepDistiller's CRD loaders: (train, test, n_data); train items (img, target, index, sample_idx).
+
+    With is_sample=False the train items are (img, target, index).
+    """
+    bundle = get_dataloaders(
+        "cifar100", str(data_folder), batch_size, num_workers,
+        mode="crd" if is_sample else "instance", pad_mode=pad_mode, download=download, seed=seed,
+        nce_k=k, crd_mode=mode, percent=percent,
+    )
+    return bundle.train_loader, bundle.val_loader, bundle.n_data

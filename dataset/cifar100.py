@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torchvision
-from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from helper.errors import UserError
 
 from .common import normalized_tensor, padded_random_crop
-from .sampling import ContrastiveIndexSampler, ContrastiveSampling
+from .sampling import ContrastiveIndexSampler, ContrastiveSampling, IndexedDataset
 
 MEAN = (0.5071, 0.4867, 0.4408)
 STD = (0.2675, 0.2565, 0.2761)
@@ -105,12 +104,12 @@ class CIFAR100(torchvision.datasets.CIFAR100):
             ) from err
 
 
-class CIFAR100Instance(CIFAR100):
-    """CIFAR100 whose items are (img, target, index)."""
-
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
-        img, target = super().__getitem__(index)
-        return img, target, index
+def CIFAR100Instance(root: str | Path, train: bool = True, transform: Callable | None = None,
+                     target_transform: Callable | None = None, download: bool = False) -> IndexedDataset:
+    """RepDistiller's CIFAR100Instance, items (img, target, index): the training path's own IndexedDataset
+    over CIFAR100 (a function with the class's name and arguments)."""
+    return IndexedDataset(CIFAR100(root, train=train, transform=transform, target_transform=target_transform,
+                                   download=download))
 
 
 class CIFAR100InstanceSample(ContrastiveSampling, CIFAR100):
@@ -157,56 +156,3 @@ def get_cifar100_datasets(
     train_set = CIFAR100(data_folder, train=True, transform=train_tf, download=download)
     test_set = CIFAR100(data_folder, train=False, transform=test_tf, download=False)
     return train_set, test_set
-
-
-def get_cifar100_dataloaders(
-    batch_size: int = 128,
-    num_workers: int = 8,
-    is_instance: bool = False,
-    *,
-    data_folder: str | Path = "./data",
-    pad_mode: str = "zero",
-    download: bool = True,
-    seed: int = 0,
-) -> tuple[DataLoader, DataLoader] | tuple[DataLoader, DataLoader, int]:
-    """RepDistiller's loader pair: (train, test), or (train, test, n_data) when is_instance.
-
-    Train items are (img, target), or (img, target, index) when is_instance; the test loader
-    uses batch_size // 2 and yields (img, target).
-    """
-    from . import get_dataloaders
-
-    bundle = get_dataloaders(
-        "cifar100", str(data_folder), batch_size, num_workers,
-        mode="instance" if is_instance else "plain", pad_mode=pad_mode, download=download, seed=seed,
-    )
-    if is_instance:
-        return bundle.train_loader, bundle.val_loader, bundle.n_data
-    return bundle.train_loader, bundle.val_loader
-
-
-def get_cifar100_dataloaders_sample(
-    batch_size: int = 128,
-    num_workers: int = 8,
-    k: int = 4096,
-    mode: str = "exact",
-    is_sample: bool = True,
-    percent: float = 1.0,
-    *,
-    data_folder: str | Path = "./data",
-    pad_mode: str = "zero",
-    download: bool = True,
-    seed: int = 0,
-) -> tuple[DataLoader, DataLoader, int]:
-    """RepDistiller's CRD loaders: (train, test, n_data); train items (img, target, index, sample_idx).
-
-    With is_sample=False the train items are (img, target, index).
-    """
-    from . import get_dataloaders
-
-    bundle = get_dataloaders(
-        "cifar100", str(data_folder), batch_size, num_workers,
-        mode="crd" if is_sample else "instance", pad_mode=pad_mode, download=download, seed=seed,
-        nce_k=k, crd_mode=mode, percent=percent,
-    )
-    return bundle.train_loader, bundle.val_loader, bundle.n_data

@@ -16,16 +16,16 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.nn as nn
 
-from distiller_zoo.letkd import KDLayer, LetKDStudent, kd_sites, site_shapes  # noqa: E402
-from helper.util import count_params, resolve_device  # noqa: E402
-from models import create_model  # noqa: E402
+from distiller_zoo.letkd import KDLayer, LetKDStudent
+from helper.letkd_offline import kd_sites
+from models import site_shapes
+from helper.util import count_params, resolve_device
+from models import create_model
 
 TABLE1_STUDENTS = ('resnet20', 'resnet32', 'resnet8x4', 'wrn_16_2', 'wrn_40_1', 'ShuffleV1', 'ShuffleV2', 'MobileNetV2')
 

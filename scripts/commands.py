@@ -13,33 +13,20 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from functools import lru_cache
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.settings import (CIFAR_STUDENTS, CIFAR_TEACHERS, EXTRA_METHODS, METHODS, TABLE1_METHODS,  # noqa: E402
+from models import feature_channels
+from scripts.launch import BARRIER
+from scripts.settings import (CIFAR_STUDENTS, CIFAR_TEACHERS, EXTRA_METHODS, METHODS, TABLE1_METHODS,
                               TABLE1_PAIRS, TABLE3_METHODS, TABLE3_PAIRS, TRIALS_CIFAR, TRIALS_TINYIMAGENET,
                               pair_flags)
 
-BARRIER = '# barrier'
-
-
-@lru_cache(maxsize=None)
-def stage_channels(model: str) -> tuple[int, ...]:
-    """Channel counts of a model's feature maps (what FSP and KDSVD compare)."""
-    import torch
-    from models import create_model
-    net = create_model(model, 100).eval()
-    with torch.no_grad():
-        feats, _ = net(torch.zeros(2, 3, 32, 32), is_feat=True)
-    return tuple(f.shape[1] for f in feats[:-1])
 
 
 def runnable(label: str, teacher: str, student: str) -> bool:
     """False for the pairs a method cannot handle (FSP/KDSVD need equal channels per stage)."""
     if METHODS[label].needs_equal_channels:
-        s, t = stage_channels(student), stage_channels(teacher)
+        s, t = feature_channels(student), feature_channels(teacher)
         return len(s) == len(t) and s == t
     return True
 

@@ -22,9 +22,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.settings import (METHODS, TABLE1_METHODS, TABLE1_PAIRS, TABLE3_METHODS, TABLE3_PAIRS,  # noqa: E402
+from scripts.settings import (METHODS, TABLE1_METHODS, TABLE1_PAIRS, TABLE3_METHODS, TABLE3_PAIRS,
                               TRIALS_CIFAR, TRIALS_TINYIMAGENET, method_label)
 
 PUBLISHED = Path(__file__).with_name('published_results.csv')

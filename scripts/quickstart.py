@@ -15,10 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train_student  # noqa: E402
-import train_teacher  # noqa: E402
+import train_student
+import train_teacher
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,7 +20,6 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import helper.run as run_module
 from distiller_zoo.FSP import FSP
 from helper.run import LAST, RunConfig, fit
 from helper.util import load_checkpoint, rng_state, save_checkpoint, set_rng_state

@@ -16,8 +16,8 @@ import dataset
 from dataset import DataBundle, get_dataloaders, get_transforms, set_epoch
 from dataset import cifar100 as cifar_mod
 from dataset import digits as digits_mod
-from dataset.cifar100 import (CIFAR100, CIFAR100Instance, CIFAR100InstanceSample, get_cifar100_dataloaders,
-                              get_cifar100_dataloaders_sample)
+from dataset import get_cifar100_dataloaders, get_cifar100_dataloaders_sample
+from dataset.cifar100 import CIFAR100, CIFAR100Instance, CIFAR100InstanceSample
 from dataset.sampling import ContrastiveIndexSampler, ContrastiveSampleDataset, IndexedDataset
 from helper.errors import UserError
 from tests.fixtures_data import (read_cifar100_split, tinyimagenet_val_labels,

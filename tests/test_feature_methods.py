@@ -1,6 +1,5 @@
 """RepDistiller's feature-based methods: criteria on hand-computed inputs, the Distillers on real model
 pairs (construction, refusals, gradients, optimisation, the AB/FT/FSP init stage) and one CLI epoch each."""
-import argparse
 import json
 import math
 
@@ -26,9 +25,9 @@ from distiller_zoo.RKD import RKDLoss
 from distiller_zoo.SP import Similarity
 from distiller_zoo.VID import VIDLoss
 from helper.errors import UserError
-from helper.pretrain import init_learning_rate
 from models import create_model
 from models.util import Connector, ConvReg, Embed, LinearEmbed, Paraphraser, Translator
+from tests.options import data_info, student_options
 
 METHODS = ['hint', 'attention', 'similarity', 'correlation', 'vid', 'rkd', 'pkt', 'abound', 'factor', 'fsp', 'nst',
            'kdsvd']
@@ -41,17 +40,25 @@ EQUAL_CHANNELS_ONLY = {'fsp', 'kdsvd'}
 
 
 def make_opt(distill='hint', model_s='resnet8', **kw):
-    base = dict(distill=distill, model_s=model_s, gamma=1.0, alpha=0.0, beta=1.0, kd_T=4.0, hint_layer=2,
-                feat_dim=128, image_size=32, num_classes=10, init_epochs=1, learning_rate=0.05, momentum=0.9,
-                weight_decay=5e-4, seed=0)
+    base = dict(model_s=model_s, gamma=1.0, alpha=0.0, beta=1.0, kd_T=4.0, hint_layer=2, feat_dim=128,
+                init_epochs=1, learning_rate=0.05, momentum=0.9, weight_decay=5e-4, seed=0)
     base.update(kw)
-    return argparse.Namespace(**base)
+    return student_options(distill, **base)
+
+
+def make_info(num_classes=10, image_size=32):
+    return data_info(num_classes=num_classes, image_size=image_size)
+
+
+def init_learning_rate(opt):
+    """The init stage's learning rate of the method named by ``opt.distill``."""
+    return DISTILLERS[opt.distill].init_learning_rate(opt)
 
 
 def build(method, teacher_name, student_name, num_classes=10, **kw):
     torch.manual_seed(0)
     student, teacher = create_model(student_name, num_classes), create_model(teacher_name, num_classes)
-    return build_distiller(method, student, teacher, make_opt(method, student_name, num_classes=num_classes, **kw))
+    return build_distiller(method, student, teacher, make_opt(method, student_name, **kw), make_info(num_classes))
 
 
 def smooth_l1(x):
@@ -361,13 +368,14 @@ def model_pairs():
 @pytest.mark.parametrize('method', METHODS)
 def test_each_method_builds_and_runs_on_homogeneous_and_heterogeneous_pairs(method, pair, model_pairs):
     teacher, student = model_pairs[pair]
-    opt = make_opt(method, pair[1], num_classes=100, beta=PUBLISHED_BETA[method])
+    opt = make_opt(method, pair[1], beta=PUBLISHED_BETA[method])
+    info = make_info(num_classes=100)
     heterogeneous = pair[1] == 'ShuffleV1'
     if method in EQUAL_CHANNELS_ONLY and heterogeneous:
         with pytest.raises(UserError, match=f'{method} needs equal channel counts per stage'):
-            build_distiller(method, student, teacher, opt)
+            build_distiller(method, student, teacher, opt, info)
         return
-    distiller = build_distiller(method, student, teacher, opt)
+    distiller = build_distiller(method, student, teacher, opt, info)
     assert DISTILLERS[method].default_weights == (1.0, 0.0, PUBLISHED_BETA[method])
     distiller.train()
     with torch.no_grad():

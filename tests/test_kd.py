@@ -1,5 +1,4 @@
 """DistillKL on hand-computed inputs, and the kd / ce Distillers."""
-import argparse
 import math
 
 import pytest
@@ -10,12 +9,18 @@ from distiller_zoo import DistillKL, build_distiller
 from helper.errors import UserError
 from models import create_model
 from tests.fixtures_data import train_on_fixed_batch
+from tests.options import data_info, student_options
 
 
-def opt(**kw):
+def opt(distill='kd', **kw):
     base = dict(gamma=1.0, alpha=0.9, beta=0.0, kd_T=4.0)
     base.update(kw)
-    return argparse.Namespace(**base)
+    return student_options(distill, **base)
+
+
+def info():
+    """The models here have 10 classes."""
+    return data_info(num_classes=10)
 
 
 def test_distill_kl_equals_hand_computed_value():
@@ -38,7 +43,7 @@ def test_distill_kl_is_zero_for_equal_logits_and_positive_otherwise():
 def test_kd_losses_are_weighted_and_gradients_reach_only_the_student():
     torch.manual_seed(0)
     student, teacher = create_model('resnet8', 10), create_model('resnet14', 10)
-    distiller = build_distiller('kd', student, teacher, opt(gamma=0.1, alpha=0.9))
+    distiller = build_distiller('kd', student, teacher, opt(gamma=0.1, alpha=0.9), info())
     distiller.train()
     assert not teacher.training                      # the teacher stays in eval mode
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
@@ -59,7 +64,7 @@ def test_kd_losses_are_weighted_and_gradients_reach_only_the_student():
 def test_kd_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
     student, teacher = create_model('resnet8', 10), create_model('resnet8', 10)
-    distiller = build_distiller('kd', student, teacher, opt(gamma=0.1, alpha=0.9))
+    distiller = build_distiller('kd', student, teacher, opt(gamma=0.1, alpha=0.9), info())
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     history = [step['total'] for step in train_on_fixed_batch(distiller, x, y)]
     assert history[-1] < 0.7 * history[0]
@@ -67,7 +72,7 @@ def test_kd_loss_decreases_on_a_fixed_batch():
 
 def test_ce_distiller_needs_no_teacher_and_trains_the_whole_student():
     student = create_model('resnet8', 10)
-    distiller = build_distiller('ce', student, None, opt(alpha=0.0))
+    distiller = build_distiller('ce', student, None, opt('ce', alpha=0.0), info())
     logits, losses = distiller.forward_train(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
     assert list(losses) == ['ce'] and logits.shape == (2, 10)
     assert distiller.deployable() is student
@@ -75,4 +80,4 @@ def test_ce_distiller_needs_no_teacher_and_trains_the_whole_student():
 
 def test_unknown_method_is_a_user_error():
     with pytest.raises(UserError, match='unknown --distill'):
-        build_distiller('nope', create_model('resnet8', 10), None, opt())
+        build_distiller('nope', create_model('resnet8', 10), None, opt(), info())

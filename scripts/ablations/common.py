@@ -19,16 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import train_student
+from helper.errors import UserError
+from helper.options import teacher_name_from_path
+from scripts import launch
+from scripts.commands import teacher_path
+from scripts.compare_with_paper import mean_std
+from scripts.launch import BARRIER
+from scripts.settings import METHODS, TRIALS_CIFAR
 
-import train_student  # noqa: E402
-from helper.errors import UserError  # noqa: E402
-from helper.options import teacher_name_from_path  # noqa: E402
-from scripts import launch  # noqa: E402
-from scripts.commands import BARRIER, teacher_path  # noqa: E402
-from scripts.settings import METHODS, TRIALS_CIFAR  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_SAVE_DIR = './save_ablations'
 PUBLISHED_TEACHERS_DIR = './save'    # RepDistiller's teachers: save/models/<name>_vanilla/ckpt_epoch_240.pth
@@ -194,8 +194,7 @@ def recorded_mismatches(argv: list[str], run_dir: Path) -> list[str]:
     if not recorded_path.is_file():
         return []
     recorded = json.loads(recorded_path.read_text())
-    opt = train_student.get_args_parser().parse_args(argv[2:])
-    train_student.resolve_run_dir(opt)
+    opt = train_student.resolve_options(train_student.get_args_parser().parse_args(argv[2:]))
     # a flag newer than the run (absent from its args.json) is not a difference
     return [f'{key}: run {recorded[key]!r}, asked {value!r}' for key, value in sorted(vars(opt).items())
             if value is not None and key not in NOT_COMPARED and key in recorded and recorded[key] != value]
@@ -249,11 +248,6 @@ def finished_runs(commands: list[list[str]]) -> list[Run]:
             check_reusable(argv, run_dir)
             runs.append(Run(run_dir, json.loads((run_dir / 'summary.json').read_text())))
     return runs
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 Cell = str | list  # a table cell: text, or the values over the trials (shown as mean +- std (n))
@@ -311,6 +305,15 @@ def missing_note(grid: Grid, runs: dict[str, list[Run]]) -> str:
     missing = [f'{key} {len(runs[key])}/{len(commands)}' for key, commands in grid.runs.items()
                if len(runs[key]) < len(commands)]
     return f"unfinished runs (finished/asked): {', '.join(missing)}" if missing else ''
+
+
+def finish_report(text: str, note: str, written: list[Path], failed: int) -> int:
+    """Print a script's table, its unfinished-runs note and the files written; the exit code (1 if a run failed)."""
+    print(text)
+    if note:
+        print(note)
+    print(f"wrote {', '.join(str(path) for path in written)}")
+    return 1 if failed else 0
 
 
 def main_wrapper(body: Callable[[list[str] | None], int], argv: list[str] | None) -> int:

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ''):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scripts.ablations.common import (Variant, accuracies, add_arguments, build_grid, finished_runs,  # noqa: E402
-                                      fmt_delta, main_wrapper, method_variant, missing_note, out_dir, paper_value,
+from scripts.ablations.common import (Variant, accuracies, add_arguments, build_grid, finished_runs,
+                                      fmt_delta, main_wrapper, method_variant, finish_report, missing_note, out_dir, paper_value,
                                       parse_args, print_commands, run_grid, write_table)
-from scripts.settings import METHODS  # noqa: E402
+from scripts.settings import METHODS
 
 PAPER_SETTING = ('cifar100', 'resnet110', 'resnet32')
 LETKD_PROTOCOL = ('--nesterov', '--pad_mode', 'reflect')
@@ -67,12 +64,8 @@ def body(argv: list[str] | None = None) -> int:
                                                 'last - paper'], rows,
                        f'FitNet + KD layer (Table 6; {setting}; mean +- std (trials); the paper measured on '
                        f'cifar100, resnet110 -> resnet32, 5 trials)')
-    print(text)
-    note = missing_note(grid, runs)
-    if note:
-        print(note)
-    print(f"wrote {out / 'fitnet_kd_layer.md'}, {out / 'fitnet_kd_layer.csv'}")
-    return 1 if failed else 0
+    return finish_report(text, missing_note(grid, runs),
+                         [out / 'fitnet_kd_layer.md', out / 'fitnet_kd_layer.csv'], failed)
 
 
 def main(argv: list[str] | None = None) -> int:

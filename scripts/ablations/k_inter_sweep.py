@@ -18,13 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ''):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scripts.ablations.common import (Run, Variant, accuracies, add_arguments, build_grid, finished_runs,  # noqa: E402
-                                      fmt_delta, main_wrapper, mean_std, method_variant, missing_note, out_dir,
+from scripts.ablations.common import (Run, Variant, accuracies, add_arguments, build_grid, finished_runs,
+                                      fmt_delta, main_wrapper, mean_std, method_variant, finish_report, missing_note, out_dir,
                                       parse_args, parser_default, print_commands, run_grid, write_table)
-from scripts.compare_with_paper import load_published  # noqa: E402
+from scripts.compare_with_paper import load_published
 
 K_VALUES = [1, 2, 4, 8, 16, 32]
 
@@ -89,12 +87,8 @@ def body(argv: list[str] | None = None) -> int:
                        f'letKD-2 top-1 against K_inter ({setting}; mean +- std (trials)); paper: Fig. 1, stable '
                        f'for K_inter > 8')
     plot(out / 'k_inter_sweep.png', args.k_inter, runs, paper, f'letKD-2 vs $K_{{inter}}$ ({setting})')
-    print(text)
-    note = missing_note(grid, runs)
-    if note:
-        print(note)
-    print(f"wrote {out / 'k_inter_sweep.png'}, {out / 'k_inter_sweep.md'}, {out / 'k_inter_sweep.csv'}")
-    return 1 if failed else 0
+    return finish_report(text, missing_note(grid, runs),
+                         [out / 'k_inter_sweep.png', out / 'k_inter_sweep.md', out / 'k_inter_sweep.csv'], failed)
 
 
 def main(argv: list[str] | None = None) -> int:

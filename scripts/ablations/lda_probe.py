@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Iterable
 
-if __package__ in (None, ''):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn as nn
 
-from dataset import DataBundle, get_dataloaders  # noqa: E402
-from scripts.ablations.common import (Run, accuracies, add_arguments, build_grid, finished_runs,  # noqa: E402
-                                      fmt_delta, main_wrapper, missing_note, out_dir, paper_value, parse_args,
+from dataset import DataBundle, get_dataloaders
+from scripts.ablations.common import (Run, accuracies, add_arguments, build_grid, finished_runs,
+                                      fmt_delta, main_wrapper, finish_report, missing_note, out_dir, paper_value, parse_args,
                                       parser_default, print_commands, run_grid, write_table)
-from scripts.ablations.parts_grid import ROWS, variant  # noqa: E402
+from scripts.ablations.parts_grid import ROWS, variant
 
 PAPER_SETTING = ('cifar100', 'resnet56', 'resnet20')
 STUDENTS = (6, 8)      # Table 5's rows: letKD-2 with alpha_inter 0, and with the pair's alpha_inter
@@ -125,12 +122,8 @@ def body(argv: list[str] | None = None) -> int:
                                           'student top-1 (last epoch)'], rows,
                        f'LDA probe of the intermediate KD layer (Table 4; {setting}; mean +- std (trials); the '
                        f'paper measured on cifar100, resnet56 -> resnet20; its alpha_inter 0 number is for x = x_hat)')
-    print(text)
-    note = missing_note(grid, {str(row): runs[row] for row in STUDENTS})
-    if note:
-        print(note)
-    print(f"wrote {out / 'lda_probe.md'}, {out / 'lda_probe.csv'}")
-    return 1 if failed else 0
+    return finish_report(text, missing_note(grid, {str(row): runs[row] for row in STUDENTS}),
+                         [out / 'lda_probe.md', out / 'lda_probe.csv'], failed)
 
 
 def main(argv: list[str] | None = None) -> int:

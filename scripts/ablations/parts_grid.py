@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import NamedTuple
 
-if __package__ in (None, ''):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scripts.ablations.common import (Variant, accuracies, add_arguments, build_grid, finished_runs,  # noqa: E402
-                                      fmt_delta, main_wrapper, missing_note, out_dir, paper_value, parse_args,
+from scripts.ablations.common import (Variant, accuracies, add_arguments, build_grid, finished_runs,
+                                      fmt_delta, main_wrapper, finish_report, missing_note, out_dir, paper_value, parse_args,
                                       parser_default, print_commands, run_grid, write_table)
-from scripts.settings import METHODS  # noqa: E402
+from scripts.settings import METHODS
 
 PAPER_SETTING = ('cifar100', 'resnet56', 'resnet20')
 
@@ -99,12 +96,7 @@ def body(argv: list[str] | None = None) -> int:
                                            'last-epoch top-1', 'best-epoch top-1', 'last - paper'], rows,
                        f'letKD-2 parts (Table 5; {setting}; mean +- std (trials); the paper measured on '
                        f'cifar100, resnet56 -> resnet20, 5 trials)')
-    print(text)
-    note = missing_note(grid, runs)
-    if note:
-        print(note)
-    print(f"wrote {out / 'parts_grid.md'}, {out / 'parts_grid.csv'}")
-    return 1 if failed else 0
+    return finish_report(text, missing_note(grid, runs), [out / 'parts_grid.md', out / 'parts_grid.csv'], failed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
     python scripts/ablations/subclass_picture.py --dataset digits --teacher resnet14 --student resnet8 --epochs 5 \
         --k_inter 4 --device cpu --num_workers 0                          # trains a small teacher first
 
-For each image, the teacher's map at the intermediate KD place (distiller_zoo/letkd.py KD_SITES; pooled to the
+For each image, the teacher's map at the intermediate KD place (models/facts.py, ``kd_sites``; pooled to the
 student's size, as letKD-2 does) is projected by the teacher's LDA and every position gets the nearest of the
 K_inter sub-class centroids of the image's TRUE class, exactly the sub-class letKD-2's intermediate target uses
 (the quantizer files come from <save_dir>/cache/letkd/, built through helper.letkd_offline when missing).
@@ -22,13 +22,11 @@ import csv
 import sys
 from pathlib import Path
 
-if __package__ in (None, ''):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from scripts.ablations.common import (Grid, add_arguments, main_wrapper, out_dir, parse_args,  # noqa: E402
+from scripts.ablations.common import (Grid, add_arguments, main_wrapper, out_dir, parse_args,
                                       parser_default, print_commands, run_grid, teacher_command)
 
 NUM_IMAGES = 4
@@ -38,7 +36,8 @@ NUM_IMAGES = 4
 def assignments(teacher: torch.nn.Module, teacher_arch: str, quantizer: torch.nn.Module, pool_size: tuple[int, int],
                 images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the chosen global sub-class at each position (B, h, w) and the teacher target rows (B, h*w, S)."""
-    from distiller_zoo.letkd import flatten_positions, kd_sites, pool_teacher_to, tap
+    from helper.letkd_offline import flatten_positions, kd_sites, pool_teacher_to
+    from models import tap
     with tap(teacher, kd_sites(teacher_arch, ('inter',))) as maps:
         teacher(images)
     t = pool_teacher_to(maps['inter'], pool_size)
@@ -112,11 +111,11 @@ def body(argv: list[str] | None = None) -> int:
         return 1
 
     from dataset import get_dataloaders, get_datasets, get_transforms
-    from distiller_zoo.letkd import SubclassQuantizer, pair_shapes
-    from helper.letkd_offline import OfflineSettings, ensure_quantizers
+    from distiller_zoo.letkd import SubclassQuantizer
+    from helper.letkd_offline import OfflineSettings, ensure_quantizers, pair_shapes
     from helper.util import resolve_device
     from models import create_model
-    from train_student import load_teacher
+    from helper.util import load_teacher
 
     device = resolve_device(args.device)
     data = get_dataloaders(args.dataset, args.data_folder, 64, args.num_workers, mode='plain', download=False)
