@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helper.errors import UserError
-from models import create_model, model_dict
+from models import MODEL_FACTS, create_model, feature_channels, model_dict, model_facts, tap
 from models._common import ShuffleBlock
 
 RESNET_FEATS = [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8), (64,)]
@@ -459,3 +459,45 @@ def test_unregistered_variants_run() -> None:
     plain_vgg = vgg8(num_classes=10).eval()  # no BN: each block ends with its conv
     assert isinstance(plain_vgg.block1[-1], nn.Conv2d)
     assert plain_vgg(image32()).shape == (2, 10)
+
+
+# ---------------------------------------------------------------------------------------------- model facts
+
+@pytest.mark.parametrize('name', sorted(MODEL_FACTS))
+def test_the_classifier_reads_exactly_the_pooled_map(name):
+    """``pooled_map`` is the map the classifier pools: classifier(avgpool(map)) equals the logits (eval mode)."""
+    torch.manual_seed(0)
+    facts = model_facts(name)
+    model = facts.build(num_classes=10).eval()
+    for module in model.modules():      # non-trivial BN statistics, so a wrong BN/ReLU placement shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), tap(model, {'map': facts.pooled_map}) as maps:
+        logits = model(x)
+        recomputed = model.get_submodule(facts.classifier)(maps['map'].mean(dim=(2, 3)))
+    assert maps['map'].dim() == 4
+    torch.testing.assert_close(recomputed, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_wrn_pooled_map_is_after_the_final_bn_and_relu_not_feat_minus_2():
+    torch.manual_seed(0)
+    model = create_model('wrn_16_2', 10).eval()
+    model.bn1.running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), tap(model, {'map': model_facts('wrn_16_2').pooled_map}) as maps:
+        feats, _ = model(x, is_feat=True)
+    torch.testing.assert_close(maps['map'], torch.relu(model.bn1(feats[-2])))
+    assert not torch.allclose(maps['map'], feats[-2])
+
+
+def test_facts_records_cover_the_zoo_and_name_real_modules():
+    assert set(MODEL_FACTS) == set(model_dict)
+    for name, facts in MODEL_FACTS.items():
+        model = facts.build(num_classes=10)
+        assert isinstance(model.get_submodule(facts.classifier), torch.nn.Linear), name
+        for site in (facts.pooled_map, facts.last_stage_first_block):
+            model.get_submodule(site.module)
+    assert {n for n, f in MODEL_FACTS.items() if f.low_lr} == {'MobileNetV2', 'ShuffleV1', 'ShuffleV2'}
+    assert feature_channels('resnet20') == (16, 16, 32, 64)
