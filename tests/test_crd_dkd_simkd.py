@@ -1,5 +1,4 @@
 """CRD (+KD), DKD and SimKD: criteria on hand-computed inputs, the three Distillers, and one CLI epoch each."""
-import argparse
 import json
 import math
 
@@ -14,20 +13,26 @@ from distiller_zoo import build_distiller, load_deployed
 from distiller_zoo.DKD import DKDLoss
 from helper.errors import UserError
 from helper.loops import validate
+from helper.options import updated
 from helper.util import count_params, load_checkpoint, save_checkpoint
 from models import create_model
 from models.util import SimKD
+from tests.options import data_info, student_options
 
 FAST = ['--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--print_freq', '1000', '--epochs', '1']
 PAIRS = [('resnet56', 'resnet20'), ('wrn_40_2', 'wrn_16_2'), ('resnet32x4', 'ShuffleV1'), ('ResNet50', 'MobileNetV2')]
 
 
-def make_opt(**kw):
-    base = dict(gamma=1.0, alpha=0.0, beta=0.0, kd_T=4.0, feat_dim=16, nce_k=8, nce_t=0.07, nce_m=0.5, n_data=32,
-                seed=0, image_size=32, num_classes=100, dkd_alpha=1.0, dkd_beta=8.0, dkd_T=4.0, dkd_warmup=20,
+def make_opt(distill, **kw):
+    base = dict(gamma=1.0, alpha=0.0, beta=0.0, kd_T=4.0, feat_dim=16, nce_k=8, nce_t=0.07, nce_m=0.5,
+                seed=0, dkd_alpha=1.0, dkd_beta=8.0, dkd_T=4.0, dkd_warmup=20,
                 simkd_factor=2, model_s='resnet8', model_t='resnet14')
     base.update(kw)
-    return argparse.Namespace(**base)
+    return student_options(distill, **base)
+
+
+def make_info(num_classes=100, n_data=32, image_size=32):
+    return data_info(num_classes=num_classes, n_data=n_data, image_size=image_size)
 
 
 def batch(n=4, classes=100, seed=0):
@@ -124,7 +129,8 @@ def test_contrast_memory_fallback_sampler_is_seeded_and_keeps_the_positive():
 
 
 def test_crd_loss_state_dict_keys_embed_sizes_and_z_survive_a_reload(capsys):
-    opt = make_opt(s_dim=256, t_dim=256, feat_dim=128, n_data=40, nce_k=5)
+    # RepDistiller's CRDLoss(opt) reads the embedding inputs and the bank size from its argument
+    opt = updated(make_opt('crd', feat_dim=128, nce_k=5), s_dim=256, t_dim=256, n_data=40)
     loss = CRDLoss(opt)
     assert set(loss.state_dict()) == {
         'embed_s.linear.weight', 'embed_s.linear.bias', 'embed_t.linear.weight', 'embed_t.linear.bias',
@@ -151,9 +157,11 @@ def test_crd_loss_state_dict_keys_embed_sizes_and_z_survive_a_reload(capsys):
 
 
 def test_crd_distiller_gradients_reach_student_and_both_embeds_not_teacher():
-    opt = make_opt(beta=0.8)
-    distiller = build_distiller('crd', create_model('resnet8', 100), create_model('resnet32x4', 100), opt)
-    assert (opt.s_dim, opt.t_dim) == (64, 256)
+    opt = make_opt('crd', beta=0.8)
+    distiller = build_distiller('crd', create_model('resnet8', 100), create_model('resnet32x4', 100), opt,
+                                make_info())
+    crd = distiller.criterion_crd      # s_dim, t_dim: the sizes of the embeds' inputs
+    assert (crd.embed_s.linear.in_features, crd.embed_t.linear.in_features) == (64, 256)
     distiller.train()
     x, y = batch()
     index = torch.tensor([0, 5, 9, 30])
@@ -172,8 +180,9 @@ def test_crd_distiller_gradients_reach_student_and_both_embeds_not_teacher():
 
 def test_crd_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
-    opt = make_opt(gamma=0.0, beta=1.0, n_data=16, nce_k=6)
-    distiller = build_distiller('crd', create_model('resnet8', 10), create_model('resnet8', 10), opt)
+    opt = make_opt('crd', gamma=0.0, beta=1.0, nce_k=6)
+    distiller = build_distiller('crd', create_model('resnet8', 10), create_model('resnet8', 10), opt,
+                                make_info(n_data=16))
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.05, momentum=0.9)
     x, y = batch(8, 10)
     index = torch.arange(8)
@@ -230,7 +239,8 @@ def test_dkd_loss_equals_tckd_and_nckd_computed_by_hand():
 def test_dkd_distiller_warmup_and_ce_weight(epoch, factor):
     torch.manual_seed(0)
     student, teacher = create_model('resnet8', 100), create_model('resnet14', 100)
-    distiller = build_distiller('dkd', student, teacher, make_opt(gamma=1.0, dkd_alpha=1.0, dkd_beta=2.0))
+    distiller = build_distiller('dkd', student, teacher, make_opt('dkd', gamma=1.0, dkd_alpha=1.0, dkd_beta=2.0),
+                                make_info())
     distiller.eval()                       # fixed BN statistics, so the logits can be recomputed below
     x, y = batch()
     logits, losses = distiller.forward_train(x, y, epoch=epoch)
@@ -245,10 +255,11 @@ def test_dkd_distiller_warmup_and_ce_weight(epoch, factor):
 def test_dkd_flags_are_checked_and_warmup_zero_means_none():
     student, teacher = create_model('resnet8', 10), create_model('resnet8', 10)
     with pytest.raises(UserError, match='does not use -b'):
-        build_distiller('dkd', student, teacher, make_opt(beta=8.0))
+        make_opt('dkd', beta=8.0)
     with pytest.raises(UserError, match='--dkd_warmup'):
-        build_distiller('dkd', student, teacher, make_opt(dkd_warmup=-1))
-    assert build_distiller('dkd', student, teacher, make_opt(dkd_warmup=0)).warmup_factor(1) == 1.0
+        make_opt('dkd', dkd_warmup=-1)
+    assert build_distiller('dkd', student, teacher, make_opt('dkd', dkd_warmup=0),
+                           make_info(num_classes=10)).warmup_factor(1) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- SimKD
@@ -275,8 +286,8 @@ def test_simkd_projector_pools_the_larger_map():
 def test_simkd_deployable_matches_training_prediction_and_reloads(tmp_path, teacher_name, student_name):
     torch.manual_seed(0)
     student, teacher = create_model(student_name, 100), create_model(teacher_name, 100)
-    opt = make_opt(gamma=0.0, beta=1.0, model_s=student_name, model_t=teacher_name)
-    distiller = build_distiller('simkd', student, teacher, opt)
+    opt = make_opt('simkd', gamma=0.0, beta=1.0, model_s=student_name, model_t=teacher_name)
+    distiller = build_distiller('simkd', student, teacher, opt, make_info())
     distiller.train()
     x, y = batch(4)
     for _ in range(2):     # move BN statistics away from their initial values
@@ -298,7 +309,8 @@ def test_simkd_deployable_matches_training_prediction_and_reloads(tmp_path, teac
 def test_simkd_teacher_classifier_is_frozen_but_passes_gradients_to_the_projector():
     torch.manual_seed(0)
     student, teacher = create_model('resnet8x4', 100), create_model('resnet32x4', 100)
-    distiller = build_distiller('simkd', student, teacher, make_opt(gamma=0.0, beta=1.0))
+    opt = make_opt('simkd', gamma=0.0, beta=1.0, model_s='resnet8x4', model_t='resnet32x4')
+    distiller = build_distiller('simkd', student, teacher, opt, make_info())
     assert distiller.cls_t_name == 'fc' and count_params(distiller.projector) == 214_016
     trainable = {id(p) for p in distiller.trainable_parameters()}
     assert trainable == {id(p) for m in (student, distiller.projector) for p in m.parameters()}
@@ -318,7 +330,7 @@ def test_simkd_teacher_classifier_is_frozen_but_passes_gradients_to_the_projecto
 def test_simkd_refuses_a_teacher_whose_classifier_does_not_fit_its_last_map():
     with pytest.raises(UserError, match='cannot be a SimKD teacher'):
         build_distiller('simkd', create_model('resnet8', 100), create_model('MobileNetV2', 100),
-                        make_opt(model_t='MobileNetV2'))
+                        make_opt('simkd', model_t='MobileNetV2'), make_info())
 
 
 # ---------------------------------------------------------------------------------------------- all three, per pair
@@ -328,9 +340,9 @@ def test_simkd_refuses_a_teacher_whose_classifier_does_not_fit_its_last_map():
 def test_method_builds_and_trains_on_pair(method, teacher_name, student_name):
     torch.manual_seed(0)
     student, teacher = create_model(student_name, 100), create_model(teacher_name, 100)
-    opt = make_opt(gamma=1.0, alpha=0.0, beta={'crd': 0.8, 'dkd': 0.0, 'simkd': 1.0}[method],
+    opt = make_opt(method, gamma=1.0, alpha=0.0, beta={'crd': 0.8, 'dkd': 0.0, 'simkd': 1.0}[method],
                    model_s=student_name, model_t=teacher_name)
-    distiller = build_distiller(method, student, teacher, opt)
+    distiller = build_distiller(method, student, teacher, opt, make_info())
     distiller.train()
     x, y = batch(2)
     index = torch.tensor([3, 7])

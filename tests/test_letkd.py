@@ -1,7 +1,6 @@
 """letKD-1/2 and QUEST: the KD layer, teacher targets and losses on hand-computed inputs, the insertion
 places of every Table-1 pair, gradients, metrics and the deployed student (random quantizer tensors here;
 the offline step is tested in test_letkd_offline.py)."""
-import argparse
 import copy
 import math
 
@@ -11,26 +10,32 @@ import torch
 import torch.nn as nn
 
 from distiller_zoo import ALIASES, DISTILLERS, build_distiller, canonical_name, load_deployed
-from distiller_zoo.letkd import (KD_SITES, CosineConv1x1, KDLayer, LetKDStudent, SubclassQuantizer,
-                                 codebook_targets, flatten_positions, kd_sites, position_kl, site_shapes, tap)
+from distiller_zoo.letkd import CosineConv1x1, KDLayer, LetKDStudent, SubclassQuantizer, position_kl
 from helper.errors import UserError
+from helper.letkd_offline import codebook_targets, flatten_positions, kd_sites
 from helper.util import count_params, save_checkpoint
-from models import create_model, model_dict
+from models import create_model, model_dict, model_facts, site_shapes, tap
 from tests.fixtures_data import load_random_quantizers, train_on_fixed_batch
+from tests.options import data_info, student_options
 
 
-def opt(**kw):
+def opt(distill='letkd2', **kw):
     base = dict(gamma=1.0, alpha=0.0, beta=1.0, kd_T=4.0, k_penult=16, k_inter=2, lda_dim=60, alpha_penult=None,
                 alpha_inter=None, letkd_tau=1.0, quest_tau=5.0, quantizer_seed=0, max_positions=10 ** 6,
-                num_classes=100, image_size=32, dataset='cifar100', path_t=None, model_s='resnet8', model_t='resnet8')
+                dataset='cifar100', path_t=None, model_s='resnet8', model_t='resnet8')
     base.update(kw)
-    return argparse.Namespace(**base)
+    return student_options(distill, **base)
+
+
+def info(num_classes=100, image_size=32):
+    return data_info(num_classes=num_classes, image_size=image_size)
 
 
 def make(method, model_t='resnet8', model_s='resnet8', num_classes=100, **kw):
     torch.manual_seed(0)
-    o = opt(model_t=model_t, model_s=model_s, num_classes=num_classes, **kw)
-    d = build_distiller(method, create_model(model_s, num_classes), create_model(model_t, num_classes), o)
+    o = opt(method, model_t=model_t, model_s=model_s, **kw)
+    d = build_distiller(method, create_model(model_s, num_classes), create_model(model_t, num_classes), o,
+                        info(num_classes))
     load_random_quantizers(d)
     return d
 
@@ -222,7 +227,7 @@ def test_letkd2_forward_backward_on_every_table1_pair(pair):
 def test_every_model_has_places_and_the_penultimate_one_feeds_global_pooling(name):
     model = create_model(name, 10).eval()
     sites = kd_sites(name)
-    assert set(KD_SITES[name]) == {'inter', 'penult'}
+    assert set(model_facts(name).kd_sites) == {'inter', 'penult'}
     shapes = site_shapes(model, sites, 32)
     with torch.no_grad(), tap(model, sites) as maps:
         feats, _ = model(torch.randn(2, 3, 32, 32), is_feat=True)
@@ -277,7 +282,7 @@ def test_letkd2_loss_decreases_on_a_fixed_batch():
 
 def test_forward_before_prepare_is_refused():
     torch.manual_seed(0)
-    d = build_distiller('letkd1', create_model('resnet8', 10), create_model('resnet8', 10), opt(num_classes=10))
+    d = build_distiller('letkd1', create_model('resnet8', 10), create_model('resnet8', 10), opt('letkd1'), info(10))
     with pytest.raises(RuntimeError, match='prepare'):
         d.forward_train(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
 
@@ -350,15 +355,15 @@ def test_names_defaults_and_alphas():
     assert canonical_name('letkd') == 'letkd2' and ALIASES['letkd'] == 'letkd2'
     for method in ('letkd1', 'letkd2', 'quest'):
         assert DISTILLERS[method].default_weights == (1.0, 0.0, 1.0)
-    o = opt(model_t='ResNet50', model_s='MobileNetV2')
-    d = build_distiller('letkd2', create_model('MobileNetV2', 100), create_model('ResNet50', 100), o)
+    o = opt('letkd2', model_t='ResNet50', model_s='MobileNetV2')
+    d = build_distiller('letkd2', create_model('MobileNetV2', 100), create_model('ResNet50', 100), o, info(100))
     assert (o.alpha_penult, o.alpha_inter) == (0.1, 0.2)
     assert d.student.kd_layers['penult'].alpha == 0.1 and d.student.kd_layers['inter'].alpha == 0.2
-    o = opt(model_t='ResNet50', model_s='MobileNetV2', dataset='tinyimagenet', num_classes=200, alpha_penult=0.3)
-    d = build_distiller('letkd2', create_model('MobileNetV2', 200), create_model('ResNet50', 200), o)
+    o = opt('letkd2', model_t='ResNet50', model_s='MobileNetV2', dataset='tinyimagenet', alpha_penult=0.3)
+    d = build_distiller('letkd2', create_model('MobileNetV2', 200), create_model('ResNet50', 200), o, info(200))
     assert (o.alpha_penult, o.alpha_inter) == (0.3, 1.0)
-    o = opt()
-    build_distiller('letkd1', create_model('resnet8', 100), create_model('resnet8', 100), o)
+    o = opt('letkd1')
+    build_distiller('letkd1', create_model('resnet8', 100), create_model('resnet8', 100), o, info(100))
     assert o.alpha_penult == 1.0
 
 
@@ -366,9 +371,9 @@ def test_names_defaults_and_alphas():
 def test_incompatible_pairs_and_flags_are_user_errors(method):
     with pytest.raises(UserError, match='smaller'):
         build_distiller(method, create_model('resnet8', 10), create_model('MobileNetV2', 10),
-                        opt(model_t='MobileNetV2', num_classes=10))
+                        opt(method, model_t='MobileNetV2'), info(10))
     with pytest.raises(UserError, match='k_penult'):
-        build_distiller(method, create_model('resnet8', 10), create_model('resnet8', 10), opt(k_penult=0))
+        opt(method, k_penult=0)
     with pytest.raises(UserError, match='KD-layer places'):
         kd_sites('nope')
 
