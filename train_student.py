@@ -19,7 +19,7 @@ from distiller_zoo.letkd import DEFAULT_MAX_POSITIONS
 from distiller_zoo.registry import ALIASES, DISTILLERS, canonical_name
 from helper.errors import UserError
 from helper.loops import validate
-from helper.options import (add_common_arguments, finalize_common, run_cli, student_folder_name,
+from helper.options import (add_common_arguments, data_options, finalize_common, run_cli, student_folder_name,
                             teacher_name_from_path)
 from helper.run import RunConfig, check_run_dir, create_run_dir, fit
 from helper.util import (count_params, load_checkpoint, load_weights, resolve_device, save_json, seed_everything,
@@ -139,7 +139,7 @@ def main(opt: argparse.Namespace) -> dict:
     seed_everything(opt.seed, opt.deterministic)
     data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode=method.data_mode,
                            pad_mode=opt.pad_mode, download=opt.download, seed=opt.seed, nce_k=opt.nce_k,
-                           crd_mode=opt.mode, pin_memory=device.type == 'cuda')
+                           crd_mode=opt.mode, pin_memory=device.type == 'cuda', **data_options(opt))
     opt.num_classes, opt.n_data, opt.image_size = data.num_classes, data.n_data, data.image_size
     teacher = None
     if method.needs_teacher:
