@@ -3,6 +3,10 @@
 The teacher and the student are in eval mode, only ``init_modules`` train (their BN layers update their
 running statistics), with a fresh SGD at a constant learning rate for ``--init_epochs`` epochs over the
 training loader. The method supplies the loss of one batch.
+
+The stage draws its own data stream (``set_epoch(data, e, seed, INIT_STREAM)``): its epoch e neither replays
+the order nor the augmentation of the main stage's epoch e, and it is still a pure function of (seed, e).
+A resumed run does not repeat the stage: ``last.pth`` (written from epoch 0 on) holds its result.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from dataset import set_epoch
+from dataset import INIT_STREAM, set_epoch
 from helper.util import AverageMeter
 from helper.util import progress as progress_bar
 
@@ -34,7 +38,8 @@ def run_init_stage(distiller: nn.Module, init_modules: nn.Module, batch_loss: Ca
     """Train ``init_modules`` alone for ``opt.init_epochs`` epochs; returns the average loss of each epoch.
 
     ``batch_loss(image)`` maps a (B, 3, H, W) batch on ``device`` to the scalar init loss.
-    ``data`` is a DataBundle (its ``train_loader`` is reseeded per epoch with ``set_epoch(data, e, opt.seed)``).
+    ``data`` is a DataBundle (its ``train_loader`` is reseeded per epoch with
+    ``set_epoch(data, e, opt.seed, INIT_STREAM)``, a stream apart from the main stage's).
     The modules' ``requires_grad`` flags are switched on for the stage and restored afterwards, so modules
     that are frozen in the main stage can be trained here.
     """
@@ -49,7 +54,7 @@ def run_init_stage(distiller: nn.Module, init_modules: nn.Module, batch_loss: Ca
         for epoch in range(1, opt.init_epochs + 1):
             distiller.eval()
             init_modules.train()
-            set_epoch(data, epoch, opt.seed)
+            set_epoch(data, epoch, opt.seed, INIT_STREAM)
             loader = data.train_loader
             meter, tic = AverageMeter(), time.time()
             bar = progress_bar(loader, f'init {epoch}', len(loader), progress)
