@@ -255,13 +255,15 @@ def test_nan_loss_stops_with_one_line_and_resumes_with_a_smaller_lr(tmp_path, ci
 
     nan_at(0, 0)
     assert train_student.cli(student(cifar100_dir, tmp_path, teacher, '--epochs', '3', '--resume',
-                                     '--learning_rate', '0.01')) == 0
+                                     '--learning_rate', '0.01', '--weight_decay', '0.0001')) == 0
     records = [json.loads(x) for x in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [(r['epoch'], r['lr']) for r in records] == [(1, 0.05), (2, 0.01), (3, pytest.approx(0.001))]
     last = load_checkpoint(run / 'last.pth')
     assert last['optimizer']['param_groups'][0]['lr'] == pytest.approx(0.001)
+    assert last['optimizer']['param_groups'][0]['weight_decay'] == 0.0001   # not the saved optimizer's 5e-4
     args = json.loads((run / 'args.json').read_text())
-    assert args['resumes'] == [{'at_epoch': 2, 'changed': {'learning_rate': [0.05, 0.01]}}]
+    assert args['resumes'] == [{'at_epoch': 2, 'changed': {'learning_rate': [0.05, 0.01],
+                                                           'weight_decay': [0.0005, 0.0001]}}]
 
 
 def test_a_run_that_fails_in_epoch_1_can_be_resumed(tmp_path, cifar100_dir, vanilla_teacher, capsys, nan_at):
