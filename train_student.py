@@ -17,7 +17,7 @@ from dataset import get_dataloaders
 from distiller_zoo.registry import ALIASES, DISTILLERS, add_method_arguments, canonical_name
 from helper.errors import UserError
 from helper.loops import validate
-from helper.options import (ResolvedOptions, add_common_arguments, freeze, resolve_common, run_cli,
+from helper.options import (ResolvedOptions, add_common_arguments, data_options, freeze, resolve_common, run_cli,
                             student_folder_name, teacher_name_from_path, updated)
 from helper.run import RunConfig, check_run_dir, create_run_dir, fit
 from helper.util import count_params, load_teacher, resolve_device, save_json, seed_everything
@@ -98,7 +98,7 @@ def main(parsed: argparse.Namespace) -> dict:
     seed_everything(opt.seed, opt.deterministic)
     data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode=method.data_mode,
                            pad_mode=opt.pad_mode, download=opt.download, seed=opt.seed, nce_k=opt.nce_k,
-                           crd_mode=opt.mode, pin_memory=device.type == 'cuda')
+                           crd_mode=opt.mode, pin_memory=device.type == 'cuda', **data_options(opt))
     teacher = None
     if method.needs_teacher:
         print(f'==> loading teacher {opt.model_t} from {opt.path_t}')

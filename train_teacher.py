@@ -15,7 +15,7 @@ from pathlib import Path
 from dataset import get_dataloaders
 from distiller_zoo.logit_kd import Vanilla
 from helper.errors import UserError
-from helper.options import (ResolvedOptions, add_common_arguments, freeze, resolve_common, run_cli,
+from helper.options import (ResolvedOptions, add_common_arguments, data_options, freeze, resolve_common, run_cli,
                             teacher_folder_name, updated)
 from helper.run import RunConfig, check_run_dir, create_run_dir, fit
 from helper.util import resolve_device, save_json, seed_everything
@@ -58,7 +58,7 @@ def main(parsed: argparse.Namespace) -> dict:
     seed_everything(opt.seed, opt.deterministic)
     data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode='plain',
                            pad_mode=opt.pad_mode, download=opt.download, seed=opt.seed,
-                           pin_memory=device.type == 'cuda')
+                           pin_memory=device.type == 'cuda', **data_options(opt))
     model = create_model(opt.model, num_classes=data.num_classes)
     distiller = Vanilla(model, None, opt, data.info).to(device)
 

@@ -30,7 +30,8 @@ MODES = ("plain", "instance", "crd")
 
 __all__ = [
     "DATASETS", "MODES", "DataBundle", "DataInfo", "get_dataloaders", "get_datasets", "get_transforms", "set_epoch",
-    "IndexedDataset", "ContrastiveSampleDataset", "get_cifar100_dataloaders", "get_cifar100_dataloaders_sample",
+    "IndexedDataset", "ContrastiveSampleDataset", "MAIN_STREAM", "INIT_STREAM", "get_cifar100_dataloaders",
+    "get_cifar100_dataloaders_sample",
 ]
 
 _MODULES = {"cifar100": cifar100, "tinyimagenet": tinyimagenet, "imagenet": imagenet, "digits": digits}
@@ -51,8 +52,11 @@ class DataBundle:
 
     train_loader: shuffled, augmented; (img, target) for mode 'plain', (img, target, index) for
         'instance', (img, target, index, sample_idx) for 'crd'.
-    val_loader: test split, test transform, no shuffle; (img, target).
+    val_loader: the evaluation split, test transform, no shuffle; (img, target). With a separate
+        test split (test_loader not None) this is the model-selection split.
     train_eval_loader: train split, test transform, in order; (img, target, index).
+    test_loader: None, or the held-out split reported at the model selected on val_loader
+        (Tiny-ImageNet with split='letkd'); like val_loader.
     """
 
     train_loader: DataLoader
@@ -61,6 +65,7 @@ class DataBundle:
     num_classes: int
     n_data: int
     image_size: int
+    test_loader: DataLoader | None = None
 
     @property
     def info(self) -> DataInfo:
@@ -73,11 +78,18 @@ def _check_name(dataset: str) -> None:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
-def get_transforms(dataset: str, pad_mode: str = "zero") -> tuple[Callable, Callable]:
-    """(train_transform, test_transform) of a dataset; both map a PIL image to a normalised (3, S, S) tensor."""
+def get_transforms(dataset: str, pad_mode: str = "zero", augment: str | None = None) -> tuple[Callable, Callable]:
+    """(train_transform, test_transform) of a dataset; both map a PIL image to a normalised (3, S, S) tensor.
+
+    augment: Tiny-ImageNet only, 'rotate' (default, the letKD authors') or 'crop'; see tinyimagenet.train_transform.
+    """
     _check_name(dataset)
     torchvision_padding_mode(pad_mode)  # validates
     module = _MODULES[dataset]
+    if dataset == "tinyimagenet":
+        return module.train_transform(pad_mode, augment or "rotate"), module.test_transform()
+    if augment is not None:
+        raise ValueError(f"augment is a Tiny-ImageNet option; {dataset} has one augmentation")
     return module.train_transform(pad_mode), module.test_transform()
 
 
@@ -93,7 +105,8 @@ def get_datasets(
     if dataset == "cifar100":
         return cifar100.get_cifar100_datasets(data_folder, train_tf, test_tf, download=download)
     if dataset == "tinyimagenet":
-        return tinyimagenet.get_tinyimagenet_datasets(data_folder, train_tf, test_tf)
+        train_set, val_set, _ = tinyimagenet.get_tinyimagenet_datasets(data_folder, train_tf, test_tf)
+        return train_set, val_set
     if dataset == "imagenet":
         return imagenet.get_imagenet_datasets(data_folder, train_tf, test_tf)
     return digits.get_digits_datasets(data_folder, train_tf, test_tf)
@@ -114,12 +127,19 @@ def get_dataloaders(
     percent: float = 1.0,
     test_batch_size: int | None = None,
     pin_memory: bool = False,
+    drop_last: bool = False,
+    augment: str | None = None,
+    split: str = "val50",
 ) -> DataBundle:
     """Build the train / val / train-eval loaders of `dataset` (see DataBundle for what they yield).
 
     mode: 'plain', 'instance' or 'crd' (nce_k negatives, crd_mode 'exact'/'relax', percent of the
     negative pool). test_batch_size defaults to batch_size // 2 (RepDistiller), at least 1; the
-    val loader uses num_workers // 2 workers. The train loader is seeded for epoch 0 here; call
+    val loader uses num_workers // 2 workers. drop_last: the train loader skips the last incomplete
+    batch (the letKD/QUEST protocol: 781 iterations per CIFAR-100 epoch at batch 64).
+    augment, split: Tiny-ImageNet's augmentation ('rotate'/'crop') and evaluation split
+    ('val50': one evaluation set; 'letkd': val_loader for selection and test_loader for reporting).
+    The train loader is seeded for epoch 0 here; call
     `set_epoch(bundle, epoch, seed)` before each epoch for reproducible, resumable runs.
     With num_workers=0 augmentation draws from the global torch RNG (seed it in the caller).
     """
@@ -130,8 +150,17 @@ def get_dataloaders(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    train_tf, test_tf = get_transforms(dataset, pad_mode)
-    train_set, test_set = get_datasets(dataset, data_folder, train_tf, test_tf, download=download)
+    if split != "val50" and dataset != "tinyimagenet":
+        raise ValueError(f"split {split!r} is a Tiny-ImageNet option")
+    train_tf, test_tf = get_transforms(dataset, pad_mode, augment)
+    held_out = None
+    if dataset == "tinyimagenet":
+        train_set, test_set, held_out = tinyimagenet.get_tinyimagenet_datasets(data_folder, train_tf, test_tf, split)
+    else:
+        train_set, test_set = get_datasets(dataset, data_folder, train_tf, test_tf, download=download)
+    if drop_last and len(train_set) < batch_size:  # type: ignore[arg-type]
+        raise UserError(f"drop_last with batch size {batch_size} leaves no batch of the {len(train_set)} "  # type: ignore[arg-type]
+                        "training images; lower --batch_size")
     eval_set = IndexedDataset(with_transform(train_set, test_tf))
 
     if mode == "instance":
@@ -146,9 +175,11 @@ def get_dataloaders(
     common = dict(pin_memory=pin_memory, worker_init_fn=seed_worker, persistent_workers=False)
     train_loader = DataLoader(
         train_items, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-        generator=torch.Generator(), drop_last=False, **common,
+        generator=torch.Generator(), drop_last=drop_last, **common,
     )
     val_loader = DataLoader(test_set, batch_size=test_batch_size, shuffle=False, num_workers=num_workers // 2, **common)
+    test_loader = None if held_out is None else DataLoader(
+        held_out, batch_size=test_batch_size, shuffle=False, num_workers=num_workers // 2, **common)
     train_eval_loader = DataLoader(eval_set, batch_size=test_batch_size, shuffle=False, num_workers=num_workers, **common)
     bundle = DataBundle(
         train_loader=train_loader,
@@ -157,30 +188,43 @@ def get_dataloaders(
         num_classes=len(train_set.classes),  # type: ignore[attr-defined]
         n_data=len(train_set),  # type: ignore[arg-type]
         image_size=_MODULES[dataset].IMAGE_SIZE,
+        test_loader=test_loader,
     )
     set_epoch(bundle, 0, seed)
     return bundle
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit torch seed derived from (seed, epoch) through numpy's SeedSequence."""
-    lo, hi = np.random.SeedSequence([int(seed), int(epoch), 0x10AD]).generate_state(2, dtype=np.uint32)
+# Streams of set_epoch: the main training stage and the init stage of AB/FT/FSP draw different
+# orders and augmentations for the same epoch number.
+MAIN_STREAM = 0
+INIT_STREAM = 1
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = MAIN_STREAM) -> int:
+    """A 63-bit torch seed derived from (seed, epoch, stream) through numpy's SeedSequence.
+
+    The main stream keeps the key (seed, epoch, 0x10AD); other streams append their number.
+    """
+    key = [int(seed), int(epoch), 0x10AD] + ([int(stream)] if stream != MAIN_STREAM else [])
+    lo, hi = np.random.SeedSequence(key).generate_state(2, dtype=np.uint32)
     return (int(hi) << 31) ^ int(lo)
 
 
-def set_epoch(bundle_or_loader: DataBundle | DataLoader, epoch: int, seed: int) -> None:
-    """Make the next iteration of the train loader a pure function of (seed, epoch).
+def set_epoch(bundle_or_loader: DataBundle | DataLoader, epoch: int, seed: int, stream: int = MAIN_STREAM) -> None:
+    """Make the next iteration of the train loader a pure function of (seed, epoch, stream).
 
     Reseeds the loader's generator in place (shuffling order and the worker seeds that drive
     augmentation) and calls `dataset.set_epoch(epoch)` when the dataset has one (CRD negatives).
     Call it before creating the epoch's iterator. Accepts a DataBundle (its train_loader) or a loader.
+    stream: MAIN_STREAM for the training epochs, INIT_STREAM for an init stage (AB/FT/FSP), so the
+    init stage's epoch e does not replay the main stage's epoch e. CRD negatives depend on the epoch only.
     """
     loader = bundle_or_loader.train_loader if isinstance(bundle_or_loader, DataBundle) else bundle_or_loader
     if loader.generator is None:
         raise ValueError("this DataLoader has no generator to reseed; build it with generator=torch.Generator()")
-    if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    loader.generator.manual_seed(epoch_seed(seed, epoch))
+    if seed < 0 or epoch < 0 or stream < 0:
+        raise ValueError(f"seed, epoch and stream must be >= 0, got seed={seed}, epoch={epoch}, stream={stream}")
+    loader.generator.manual_seed(epoch_seed(seed, epoch, stream))
     dataset_set_epoch = getattr(loader.dataset, "set_epoch", None)
     if callable(dataset_set_epoch):
         dataset_set_epoch(epoch)

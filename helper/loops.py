@@ -13,11 +13,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distiller_zoo.base import Distiller
+from helper.errors import UserError
 from helper.util import AverageMeter, accuracy
 from helper.util import progress as progress_bar
 
 # batch layout of the training loaders: (image, target[, index[, contrast_idx]])
 EXTRA_NAMES = ('index', 'contrast_idx')
+
+
+class LossNotFinite(UserError):
+    """The training loss became NaN or infinite; raised before the step, so the weights stay finite.
+
+    A UserError: the CLIs print its one line (epoch, iteration, each loss term) and exit with code 2;
+    the usual remedy is a smaller learning rate (helper/run.py adds how to resume).
+    """
+
+    def __init__(self, message: str, epoch: int, iteration: int) -> None:
+        super().__init__(message)
+        self.epoch, self.iteration = epoch, iteration
 
 
 def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.optim.Optimizer, *,
@@ -40,9 +53,10 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
         extras = {name: t.to(device, non_blocking=True) for name, t in zip(EXTRA_NAMES, batch[2:])}
         logits, losses = distiller.forward_train(image, target, epoch=epoch, **extras)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, iteration {idx} "
-                                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())})")
+        if not torch.isfinite(loss):  # a host sync per step; a later fast path checks on the device
+            terms = ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())
+            raise LossNotFinite(f"loss became {loss.item()} at epoch {epoch}, iteration {idx + 1}/{n_batches} "
+                                f"({terms})", epoch, idx + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

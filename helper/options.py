@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--weight_decay', type=float, default=5e-4)
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--nesterov', action='store_true', help='Nesterov momentum (the letKD/QUEST protocol)')
+    g.add_argument('--drop_last', action='store_true',
+                   help='skip the last incomplete training batch each epoch (the letKD/QUEST protocol: 781 '
+                        'iterations per CIFAR-100 epoch); RepDistiller keeps it')
 
     g = parser.add_argument_group('data')
     g.add_argument('--dataset', type=str, default='cifar100', choices=DATASETS)
@@ -38,6 +42,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                    help='never download CIFAR-100; fail if it is missing from --data_folder')
     g.add_argument('--pad_mode', type=str, default='zero', choices=('zero', 'reflect'),
                    help='padding of the random crop: zero (RepDistiller) or reflect (letKD/QUEST code)')
+    g.add_argument('--tiny_aug', type=str, default=None, choices=('rotate', 'crop'),
+                   help="Tiny-ImageNet augmentation: rotate = RandomRotation(20) + flip (default; the letKD "
+                        "authors' code), crop = RandomCrop(64, padding 4, --pad_mode) + flip")
+    g.add_argument('--tiny_split', type=str, default=None, choices=('val50', 'letkd'),
+                   help='Tiny-ImageNet evaluation: val50 = all 50 labelled val images per class (default); '
+                        'letkd = select on val (25/class), report on test (25/class), as the letKD authors (Table 3)')
 
     g = parser.add_argument_group('run')
     g.add_argument('--save_dir', type=str, default='./save', help='root of all run folders')
@@ -91,7 +101,44 @@ def resolve_common(opt: argparse.Namespace, model_name: str) -> argparse.Namespa
             raise UserError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
     if opt.num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {opt.num_workers}")
+    check_optimisation(updated(opt, **values))
+    tiny = opt.dataset == 'tinyimagenet'
+    for flag, default in (('tiny_aug', 'rotate'), ('tiny_split', 'val50')):
+        value = getattr(opt, flag, None)
+        if value is not None and not tiny:
+            raise UserError(f"--{flag} applies to --dataset tinyimagenet only, not {opt.dataset}")
+        values[flag] = (value or default) if tiny else None
     return updated(opt, **values)
+
+
+def check_optimisation(opt: argparse.Namespace) -> None:
+    """Reject optimiser and schedule values SGD would refuse or that cannot train (UserError)."""
+    def finite(flag: str) -> float:
+        value = float(getattr(opt, flag))
+        if not math.isfinite(value):
+            raise UserError(f"--{flag} must be a finite number, got {value}")
+        return value
+
+    if finite('learning_rate') <= 0:
+        raise UserError(f"--learning_rate must be positive, got {opt.learning_rate}")
+    if finite('weight_decay') < 0:
+        raise UserError(f"--weight_decay must be >= 0, got {opt.weight_decay}")
+    if not 0 <= finite('momentum') < 1:
+        raise UserError(f"--momentum must be in [0, 1), got {opt.momentum}")
+    if opt.nesterov and opt.momentum == 0:
+        raise UserError("--nesterov needs a positive --momentum")
+    if finite('lr_decay_rate') <= 0:
+        raise UserError(f"--lr_decay_rate must be positive, got {opt.lr_decay_rate}")
+    if any(m < 0 for m in opt.lr_decay_epochs):
+        raise UserError(f"--lr_decay_epochs must be non-negative epochs, got {opt.lr_decay_epochs}")
+    if opt.print_freq < 0:
+        raise UserError(f"--print_freq must be >= 0, got {opt.print_freq}")
+
+
+def data_options(opt: argparse.Namespace) -> dict[str, Any]:
+    """The protocol keywords of dataset.get_dataloaders taken from finalized flags."""
+    return {'drop_last': bool(getattr(opt, 'drop_last', False)), 'augment': getattr(opt, 'tiny_aug', None),
+            'split': getattr(opt, 'tiny_split', None) or 'val50'}
 
 
 def teacher_folder_name(opt: argparse.Namespace) -> str:

@@ -4,6 +4,10 @@ The teacher and the student are in eval mode, only ``init_modules`` train (their
 running statistics), with a fresh SGD at a constant learning rate for ``--init_epochs`` epochs over the
 training loader. The method supplies the loss of one batch; ``InitStageMethod`` gives AB/FT/FSP the
 ``--init_epochs`` flag and the stage's learning rate.
+
+The stage draws its own data stream (``set_epoch(data, e, seed, INIT_STREAM)``): its epoch e neither replays
+the order nor the augmentation of the main stage's epoch e, and it is still a pure function of (seed, e).
+A resumed run does not repeat the stage: ``last.pth`` (written from epoch 0 on) holds its result.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from dataset import set_epoch
+from dataset import INIT_STREAM, set_epoch
 from helper.errors import UserError
 from helper.util import AverageMeter
 from helper.util import progress as progress_bar
@@ -49,7 +53,8 @@ def run_init_stage(distiller: nn.Module, init_modules: nn.Module, batch_loss: Ca
     average loss of each epoch.
 
     ``batch_loss(image)`` maps a (B, 3, H, W) batch on ``device`` to the scalar init loss.
-    ``data`` is a DataBundle (its ``train_loader`` is reseeded per epoch with ``set_epoch(data, e, opt.seed)``).
+    ``data`` is a DataBundle (its ``train_loader`` is reseeded per epoch with
+    ``set_epoch(data, e, opt.seed, INIT_STREAM)``, a stream apart from the main stage's).
     The modules' ``requires_grad`` flags are switched on for the stage and restored afterwards, so modules
     that are frozen in the main stage can be trained here.
     """
@@ -63,7 +68,7 @@ def run_init_stage(distiller: nn.Module, init_modules: nn.Module, batch_loss: Ca
         for epoch in range(1, opt.init_epochs + 1):
             distiller.eval()
             init_modules.train()
-            set_epoch(data, epoch, opt.seed)
+            set_epoch(data, epoch, opt.seed, INIT_STREAM)
             loader = data.train_loader
             meter, tic = AverageMeter(), time.time()
             bar = progress_bar(loader, f'init {epoch}', len(loader), progress)

@@ -3,6 +3,16 @@
 Both CLIs end in ``fit``. The output contract (docs/design.md) lives here and only here:
 ``args.json``, ``metrics.jsonl`` (one object per epoch), tensorboard events, ``ckpt_epoch_<E>.pth``,
 ``<model>_best.pth``, ``last.pth`` (everything needed to resume) and ``summary.json``.
+
+``last.pth`` is first written before epoch 1 (epoch 0: the state after the method's offline and
+init stages), so a run that stops in any epoch, including a loss that becomes NaN, can be continued
+with ``--resume`` (and, for instance, a smaller ``--learning_rate``: the resumed optimizer follows
+the new flags, and ``args.json`` gets a ``resumes`` entry saying what changed).
+
+With a separate test split (``data.test_loader``, Tiny-ImageNet ``--tiny_split letkd``) every epoch
+is evaluated on both: ``<model>_best.pth`` is the best epoch on val (the letKD authors' selection),
+and ``summary.json`` adds ``best_val_acc``, ``best_val_epoch`` and ``test_acc_at_best_val`` (the
+number their protocol reports) to the usual test-split keys.
 """
 from __future__ import annotations
 
@@ -19,12 +29,15 @@ from torch.utils.tensorboard import SummaryWriter
 from dataset import set_epoch
 from distiller_zoo.base import Distiller
 from helper.errors import UserError
-from helper.loops import train_one_epoch, validate
+from helper.loops import LossNotFinite, train_one_epoch, validate
 from helper.util import (count_macs, count_params, device_name, git_sha, load_checkpoint, lr_at_epoch, rng_state,
                          save_checkpoint, save_json, set_lr, set_rng_state)
 
 LAST = 'last.pth'
 METRICS = 'metrics.jsonl'
+# RunConfig fields that may change on --resume; recorded in last.pth and, when changed, in args.json
+RESUMABLE_SETTINGS = ('epochs', 'learning_rate', 'lr_decay_epochs', 'lr_decay_rate', 'weight_decay', 'momentum',
+                      'nesterov')
 
 
 def check_run_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
@@ -78,6 +91,28 @@ def build_optimizer(distiller: Distiller, cfg: RunConfig) -> torch.optim.SGD:
                            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
 
 
+def _settings(cfg: RunConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in RESUMABLE_SETTINGS}
+
+
+def _apply_settings(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> None:
+    """Make a resumed optimizer follow the current flags (load_state_dict restores the saved ones)."""
+    for group in optimizer.param_groups:
+        group.update(weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _record_resume(run_dir: Path, start_epoch: int, before: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Append {'at_epoch', 'changed': {flag: [old, new]}} to args.json's 'resumes' list and print the changes."""
+    changed = {k: [before[k], now[k]] for k in now if before is not None and k in before and before[k] != now[k]}
+    if changed:
+        print('==> resumed with ' + ', '.join(f'{k} {old} -> {new}' for k, (old, new) in changed.items()))
+    args_file = run_dir / 'args.json'
+    if args_file.is_file():
+        args = json.loads(args_file.read_text())
+        args.setdefault('resumes', []).append({'at_epoch': start_epoch, 'changed': changed})
+        save_json(args, args_file)
+
+
 def _read_metrics(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -93,35 +128,60 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
     run_dir = cfg.run_dir
     optimizer = build_optimizer(distiller, cfg)
     start_epoch, best_acc, best_epoch, wall_time = 1, -1.0, 0, 0.0
+    # model selection on a separate val split (None: selection = the test split, RepDistiller's way)
+    test_loader = getattr(data, 'test_loader', None)
+    best_val: dict[str, Any] = {'best_val_acc': -1.0, 'best_val_epoch': 0, 'test_acc_at_best_val': None}
     history: list[dict[str, Any]] = []
     if cfg.resume:
         # on the CPU: RNG states must stay CPU tensors; load_state_dict places weights and optimizer state
         ckpt = load_checkpoint(run_dir / LAST, map_location='cpu')
         distiller.load_state_dict_without_teacher(ckpt['distiller'])
         optimizer.load_state_dict(ckpt['optimizer'])
+        _apply_settings(optimizer, cfg)
         start_epoch = ckpt['epoch'] + 1
         best_acc, best_epoch, wall_time = ckpt['best_acc'], ckpt['best_epoch'], ckpt['wall_time_s']
+        best_val.update(ckpt.get('best_val', {}))
         set_rng_state(ckpt['rng'])
         # drop log lines of an epoch that finished after the last checkpoint was written
         history = _read_metrics(run_dir / METRICS, ckpt['epoch'])
         (run_dir / METRICS).write_text(''.join(json.dumps(r) + '\n' for r in history))
+        _record_resume(run_dir, start_epoch, ckpt.get('settings'), _settings(cfg))
         print(f'==> resuming {run_dir} at epoch {start_epoch}')
 
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch if cfg.resume else None)
     deployable = distiller.deployable()
+
+    def save_last(epoch: int, accuracy: float | None) -> None:
+        save_checkpoint({'epoch': epoch, 'model': deployable.state_dict(), 'accuracy': accuracy,
+                         'deploy': distiller.deploy_spec(), 'distiller': distiller.state_dict_without_teacher(),
+                         'optimizer': optimizer.state_dict(), 'best_acc': best_acc, 'best_epoch': best_epoch,
+                         'best_val': best_val, 'settings': _settings(cfg), 'wall_time_s': wall_time,
+                         'rng': rng_state()}, run_dir / LAST)
+
+    if start_epoch == 1:
+        save_last(0, None)  # the state before epoch 1: a run that stops in epoch 1 stays resumable
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             tic = time.time()
             lr = lr_at_epoch(epoch, cfg.learning_rate, cfg.lr_decay_epochs, cfg.lr_decay_rate)
             set_lr(optimizer, lr)
             set_epoch(data, epoch, cfg.seed)
-            train_stats = train_one_epoch(distiller, data.train_loader, optimizer, epoch=epoch, device=device,
-                                          print_freq=cfg.print_freq)
-            test = validate(deployable, data.val_loader, device)
+            try:
+                train_stats = train_one_epoch(distiller, data.train_loader, optimizer, epoch=epoch, device=device,
+                                              print_freq=cfg.print_freq)
+            except LossNotFinite as err:
+                raise LossNotFinite(f"{err}; stopped: {run_dir / LAST} keeps epoch {epoch - 1}, continue with "
+                                    f"--resume and a smaller --learning_rate (now {cfg.learning_rate:g})",
+                                    err.epoch, err.iteration) from None
+            val = validate(deployable, data.val_loader, device)
+            test = val if test_loader is None else validate(deployable, test_loader, device)
             epoch_time = time.time() - tic
             wall_time += epoch_time
+            split_keys = {} if test_loader is None else {
+                'val_loss': val['loss'], 'val_acc': val['acc'], 'val_acc_top5': val['acc_top5']}
             record = {'epoch': epoch, 'lr': lr, **train_stats, 'test_loss': test['loss'], 'test_acc': test['acc'],
-                      'test_acc_top5': test['acc_top5'], **distiller.epoch_metrics(), 'time': epoch_time}
+                      'test_acc_top5': test['acc_top5'], **split_keys, **distiller.epoch_metrics(),
+                      'time': epoch_time}
             history.append(record)
             with open(run_dir / METRICS, 'a') as f:
                 f.write(json.dumps(record) + '\n')
@@ -129,22 +189,26 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
                 if key != 'epoch':
                     writer.add_scalar(key, value, epoch)
             writer.flush()
+            val_text = '' if test_loader is None else f"val acc {val['acc']:.2f}  "
             print(f"epoch {epoch}/{cfg.epochs}  lr {lr:.4g}  train loss {record['train_loss']:.4f} "
-                  f"acc {record['train_acc']:.2f}  test acc {test['acc']:.2f} (top5 {test['acc_top5']:.2f})  "
-                  f"{epoch_time:.1f}s", flush=True)
+                  f"acc {record['train_acc']:.2f}  {val_text}test acc {test['acc']:.2f} "
+                  f"(top5 {test['acc_top5']:.2f})  {epoch_time:.1f}s", flush=True)
 
             weights, spec = deployable.state_dict(), distiller.deploy_spec()
+            if test_loader is None:
+                if test['acc'] > best_acc:
+                    save_checkpoint({'epoch': epoch, 'model': weights, 'best_acc': test['acc'], 'deploy': spec},
+                                    run_dir / f'{cfg.model_name}_best.pth')
+            elif val['acc'] > best_val['best_val_acc']:
+                best_val = {'best_val_acc': val['acc'], 'best_val_epoch': epoch, 'test_acc_at_best_val': test['acc']}
+                save_checkpoint({'epoch': epoch, 'model': weights, 'best_acc': val['acc'], 'test_acc': test['acc'],
+                                 'deploy': spec}, run_dir / f'{cfg.model_name}_best.pth')
             if test['acc'] > best_acc:
                 best_acc, best_epoch = test['acc'], epoch
-                save_checkpoint({'epoch': epoch, 'model': weights, 'best_acc': best_acc, 'deploy': spec},
-                                run_dir / f'{cfg.model_name}_best.pth')
             if epoch % cfg.save_freq == 0 or epoch == cfg.epochs:
                 save_checkpoint({'epoch': epoch, 'model': weights, 'accuracy': test['acc'], 'deploy': spec},
                                 run_dir / f'ckpt_epoch_{epoch}.pth')
-            save_checkpoint({'epoch': epoch, 'model': weights, 'accuracy': test['acc'], 'deploy': spec,
-                             'distiller': distiller.state_dict_without_teacher(),
-                             'optimizer': optimizer.state_dict(), 'best_acc': best_acc, 'best_epoch': best_epoch,
-                             'wall_time_s': wall_time, 'rng': rng_state()}, run_dir / LAST)
+            save_last(epoch, test['acc'])
     finally:
         writer.close()
 
@@ -156,10 +220,14 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
         'best_acc': best_acc, 'best_epoch': best_epoch, 'epochs': last['epoch'],
         'params_deployed': count_params(deployable), 'macs_deployed': count_macs(deployable, data.image_size),
         'seed': cfg.seed,
+        **({} if test_loader is None else {**best_val, 'last_val_acc': last['val_acc']}),
         **cfg.summary_extra,
         'git_sha': git_sha(), 'torch_version': torch.__version__, 'device_name': device_name(device),
         'wall_time_s': wall_time,
     }
     save_json(summary, run_dir / 'summary.json')
     print(f'best accuracy: {best_acc:.2f} (epoch {best_epoch}); last: {last["test_acc"]:.2f}')
+    if test_loader is not None:
+        print(f"best on val: {best_val['best_val_acc']:.2f} (epoch {best_val['best_val_epoch']}); "
+              f"test accuracy there: {best_val['test_acc_at_best_val']:.2f}")
     return summary

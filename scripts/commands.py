@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         trials = args.trials or TRIALS_TINYIMAGENET
         pairs = parse_pairs(args.pairs, TABLE3_PAIRS)
+        # Table 3 protocol (letKD authors): select on val (25/class), report on test (25/class); README, Data
+        common = ['--data_folder', args.data_folder, '--tiny_split', 'letkd', *shlex.split(args.extra)]
         teachers = sorted({t for t, _ in pairs})
         students = sorted({s for _, s in pairs})
         lines = vanilla_lines(teachers, 'tinyimagenet', 1, args.save_dir, common)

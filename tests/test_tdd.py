@@ -1,6 +1,5 @@
 """TDD and TDD+CRD: the offline class trees (hand-made embeddings), the decision loss against its
 formula, gradients, the paper's pairs, the cache, and one epoch of each through train_student.cli."""
-import argparse
 import hashlib
 import json
 import math
@@ -17,22 +16,28 @@ from helper.errors import UserError
 from helper.util import load_checkpoint, save_checkpoint
 from models import create_model
 from tests.fixtures_data import train_on_fixed_batch, write_cifar100
+from tests.options import data_info, student_options
 
 FAST = ['--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--print_freq', '1000']
 
 
-def make_opt(**kw):
-    base = dict(gamma=0.1, alpha=0.9, beta=0.1, kd_T=4.0, tdd_threshold=0.2, tdd_knn=3, num_classes=10, n_data=40,
-                image_size=32, model_t='resnet14', model_s='resnet8', dataset='cifar100', path_t=None,
+def make_opt(distill='tdd', **kw):
+    base = dict(gamma=0.1, alpha=0.9, beta=0.1, kd_T=4.0, tdd_threshold=0.2, tdd_knn=3,
+                model_t='resnet14', model_s='resnet8', dataset='cifar100', path_t=None,
                 feat_dim=16, nce_k=8, nce_t=0.07, nce_m=0.5, crd_weight=0.8, seed=0)
     base.update(kw)
-    return argparse.Namespace(**base)
+    return student_options(distill, **base)
 
 
-def build(name='tdd', student='resnet8', teacher='resnet14', num_classes=10, **kw):
+def make_info(num_classes=10, n_data=40, image_size=32):
+    return data_info(num_classes=num_classes, n_data=n_data, image_size=image_size)
+
+
+def build(name='tdd', student='resnet8', teacher='resnet14', num_classes=10, n_data=40, image_size=32, **kw):
     torch.manual_seed(0)
     s, t = create_model(student, num_classes), create_model(teacher, num_classes)
-    return build_distiller(name, s, t, make_opt(num_classes=num_classes, model_s=student, model_t=teacher, **kw))
+    return build_distiller(name, s, t, make_opt(name, model_s=student, model_t=teacher, **kw),
+                           make_info(num_classes, n_data, image_size))
 
 
 def modulo_partition(num_classes, num_groups):
@@ -239,7 +244,7 @@ def prepared(small_data, cache_dir, **kw):
     data = get_dataloaders('cifar100', str(root), batch_size=8, num_workers=0, mode='plain', download=False)
     teacher = create_model('resnet14', 10)
     teacher.load_state_dict(load_checkpoint(ckpt)['model'])
-    distiller = TDD(create_model('resnet8', 10), teacher, make_opt(path_t=str(ckpt), **kw))
+    distiller = TDD(create_model('resnet8', 10), teacher, make_opt('tdd', path_t=str(ckpt), **kw), make_info())
     distiller.prepare(data, device=torch.device('cpu'), cache_dir=str(cache_dir))
     return distiller, data
 
