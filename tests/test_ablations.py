@@ -1,7 +1,6 @@
 """The supplementary's ablations: the letKD variants they need (letkd_inter, fitnet_kdlayer) on hand-computed
 inputs, and every script of scripts/ablations/ end to end on tiny CIFAR-format data (1 epoch, 1 trial, K 2),
 its numbers read back from the runs, and its --dry-run commands parsed by train_student.py's parser."""
-import argparse
 import csv
 import json
 import shlex
@@ -12,30 +11,37 @@ import torch
 
 import train_student
 from distiller_zoo import build_distiller, canonical_name
-from distiller_zoo.letkd import LetKDStudent, KDLayer, tap
+from distiller_zoo.letkd import LetKDStudent, KDLayer
 from helper.errors import UserError
+from helper.letkd_offline import kd_sites
 from helper.util import load_checkpoint, save_checkpoint
-from models import create_model
+from models import create_model, tap
 from scripts import launch
 from scripts.ablations import common, fitnet_kd_layer, k_inter_sweep, lda_probe, parts_grid, subclass_picture
 from tests.fixtures_data import load_random_quantizers, write_cifar100
+from tests.options import data_info, student_options
 
 
 # ---------------------------------------------------------------------------------------------- the variants
 
-def opt(**kw):
+def opt(distill='letkd2', **kw):
     base = dict(gamma=1.0, alpha=0.0, beta=1.0, kd_T=4.0, k_penult=6, k_inter=2, lda_dim=60, alpha_penult=None,
                 alpha_inter=None, letkd_tau=1.0, quest_tau=5.0, quantizer_seed=0, max_positions=10 ** 6,
-                num_classes=5, image_size=32, dataset='cifar100', path_t=None, model_s='resnet8', model_t='resnet8',
+                dataset='cifar100', path_t=None, model_s='resnet8', model_t='resnet8',
                 hint_layer=2, kd_layer_weight=1.0)
     base.update(kw)
-    return argparse.Namespace(**base)
+    return student_options(distill, **base)
 
 
-def build(method, **kw):
+def info(num_classes=5, image_size=32):
+    return data_info(num_classes=num_classes, image_size=image_size)
+
+
+def build(method, num_classes=5, image_size=32, **kw):
     torch.manual_seed(0)
-    o = opt(**kw)
-    return build_distiller(method, create_model(o.model_s, o.num_classes), create_model(o.model_t, o.num_classes), o)
+    o = opt(method, **kw)
+    return build_distiller(method, create_model(o.model_s, num_classes), create_model(o.model_t, num_classes), o,
+                           info(num_classes, image_size))
 
 
 def batch(n=2, classes=5):
@@ -140,7 +146,6 @@ def test_kd_layer_io_reads_gap_of_input_and_output():
 
 
 def layer_site(model):
-    from distiller_zoo.letkd import kd_sites
     return kd_sites(model, ('inter',))['inter']
 
 

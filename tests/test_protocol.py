@@ -180,7 +180,7 @@ def test_init_stage_does_not_replay_the_main_stage_order():
 
     opt = type('Opt', (), dict(distill='abound', model_s='resnet8', learning_rate=0.01, momentum=0.9,
                                weight_decay=0.0, init_epochs=2, seed=3))()
-    run_init_stage(module, module, batch_loss, data, opt, torch.device('cpu'), progress=False)
+    run_init_stage(module, module, batch_loss, data, opt, torch.device('cpu'), lr=0.01, progress=False)
     init_orders = [seen[:16], seen[16:]]
     assert init_orders != main_orders and init_orders[0] != main_orders[0] and init_orders[1] != main_orders[1]
     set_epoch(data, 1, 3, INIT_STREAM)                                      # still a pure function of (seed, epoch)
