@@ -8,10 +8,12 @@ average-pooled to the student's size first. More than ``--max_positions`` positi
 sample of that many (memory: max_positions x channels x 4 bytes).
 
 - penultimate: faiss k-means, K = --k_penult, 20 iterations, random init from the data, nothing subsampled,
-  no preprocessing -> ``centroids`` (K, D), ``counts`` (K,).
+  no preprocessing -> ``centroids`` (K, D), ``counts`` (K,). On a CUDA run with faiss-gpu installed the
+  assignments use a flat index on the run's own GPU (``kmeans_backend`` 'faiss-gpu' in the metadata: GPU and
+  CPU give slightly different codebooks, so they are different files); otherwise on the CPU.
 - intermediate: sklearn LinearDiscriminantAnalysis(solver='svd') on (feature, image label) -> ``xbar`` (D,),
   ``scalings`` (D, n_comp) with n_comp = min(--lda_dim, LDA rank); per class faiss k-means with
-  K_inter = --k_inter on that class's projected points -> ``centroids`` (classes*K_inter, n_comp);
+  K_inter = --k_inter on that class's projected points, always on the CPU -> ``centroids`` (classes*K_inter, n_comp);
   sub-class of a point = nearest centroid of its own class; ``prototypes`` = sub-class means;
   ``scores`` s_T[s, s'] = share of the points of sub-class s whose nearest prototype (among all
   sub-classes) is s'. A sub-class that ends up without points keeps its centroid as prototype and
@@ -20,7 +22,9 @@ sample of that many (memory: max_positions x channels x 4 bytes).
 Output: one file per teacher and layer, ``<save_dir>/cache/letkd/<arch>_<layer>_<dataset>_k<K>_<digest>.pth``
 (the digest hashes the metadata), written atomically: ``{'tensors': {...}, 'meta': {...}}``. The metadata
 (teacher checkpoint sha256, arch, layer, site, pooling size, K, lda_dim, dataset, image count, classes, seed,
-max_positions, format version) must match on load, else UserError. Same seed, same files.
+max_positions, k-means backend, format version) must match on load, else UserError. Same seed, same files.
+Runs that start together (the trials of a sweep) share one build: the check-and-build runs under a file lock
+per teacher checkpoint (``.build-<sha>.lock`` beside the files), the others wait and reuse the files.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from filelock import FileLock
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from torch import Tensor
 
@@ -203,26 +208,50 @@ def collect_features(teacher: nn.Module, teacher_arch: str, roles: tuple[str, ..
 
 # ---------------------------------------------------------------------------------------------- clustering
 
-def kmeans(x: np.ndarray, k: int, seed: int, use_gpu: bool = False, what: str = 'points'
+def faiss_gpu_for(device: torch.device) -> int | None:
+    """The GPU the penultimate k-means runs on: the run's own CUDA device when faiss has GPU support, else None."""
+    if device.type != 'cuda' or faiss.get_num_gpus() == 0:
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def kmeans_backend(gpu: int | None) -> str:
+    """The name recorded in a quantizer file's metadata: faiss on GPU and on CPU give different codebooks."""
+    return 'faiss-cpu' if gpu is None else 'faiss-gpu'
+
+
+def kmeans(x: np.ndarray, k: int, seed: int, gpu: int | None = None, what: str = 'points'
            ) -> tuple[np.ndarray, np.ndarray]:
     """faiss k-means: 20 Lloyd iterations, random init from the data, nothing subsampled.
 
-    x (N, D) float32 -> (centroids (k, D) float32, assignment (N,) int64). GPU index when asked and available.
+    x (N, D) float32 -> (centroids (k, D) float32, assignment (N,) int64). ``gpu``: the index of the one
+    GPU whose flat index does the assignments (None: CPU); faiss.Kmeans(gpu=True) would spread the work
+    over every visible GPU instead of the run's device.
     """
     n, dim = x.shape
     if n < k:
         raise UserError(f"k-means of {n} {what} into {k} clusters is impossible: lower K or use more data")
-    km = faiss.Kmeans(dim, k, niter=KMEANS_ITERS, seed=seed, max_points_per_centroid=-(-n // k),
-                      min_points_per_centroid=1, verbose=False, gpu=bool(use_gpu and faiss.get_num_gpus() > 0))
     x = np.ascontiguousarray(x, dtype=np.float32)
-    km.train(x)
-    _, assignment = km.index.search(x, 1)
-    return km.centroids.copy(), assignment.ravel().astype(np.int64)
+    clustering = faiss.Clustering(dim, k)
+    clustering.niter, clustering.seed, clustering.verbose = KMEANS_ITERS, seed, False
+    clustering.max_points_per_centroid, clustering.min_points_per_centroid = -(-n // k), 1
+    if gpu is None:
+        index = faiss.IndexFlatL2(dim)
+    else:
+        config = faiss.GpuIndexFlatConfig()
+        config.device = gpu
+        index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), dim, config)
+    clustering.train(x, index)
+    centroids = faiss.vector_to_array(clustering.centroids).reshape(k, dim)
+    index.reset()
+    index.add(centroids)
+    _, assignment = index.search(x, 1)
+    return centroids.copy(), assignment.ravel().astype(np.int64)
 
 
-def build_codebook(features: np.ndarray, k: int, seed: int, use_gpu: bool = False) -> dict[str, torch.Tensor]:
+def build_codebook(features: np.ndarray, k: int, seed: int, gpu: int | None = None) -> dict[str, torch.Tensor]:
     """The penultimate codebook: ``centroids`` (k, D) and cluster sizes ``counts`` (k,)."""
-    centroids, assignment = kmeans(features, k, seed, use_gpu, what='teacher positions')
+    centroids, assignment = kmeans(features, k, seed, gpu, what='teacher positions')
     return {'centroids': torch.from_numpy(centroids), 'counts': torch.from_numpy(np.bincount(assignment, minlength=k))}
 
 
@@ -271,11 +300,11 @@ def build_subclasses(features: np.ndarray, labels: np.ndarray, num_classes: int,
     feats = torch.from_numpy(features)
     z = torch.cat([lda_project(feats[i:i + CHUNK], xbar, scalings) for i in range(0, len(feats), CHUNK)])
 
-    use_gpu = device.type == 'cuda'
     labels_t = torch.from_numpy(labels)
     centroids = torch.zeros(num_classes * k_inter, n_comp)
     for c in progress(range(num_classes), 'sub-class k-means'):
-        class_centroids, _ = kmeans(z[labels_t == c].numpy(), k_inter, seed, use_gpu)
+        # a few hundred points into K_inter clusters: always on the CPU (a GPU index costs more than it saves)
+        class_centroids, _ = kmeans(z[labels_t == c].numpy(), k_inter, seed)
         centroids[c * k_inter:(c + 1) * k_inter] = torch.from_numpy(class_centroids)
 
     dev_centroids = centroids.to(device)
@@ -291,7 +320,8 @@ def build_subclasses(features: np.ndarray, labels: np.ndarray, num_classes: int,
 # ---------------------------------------------------------------------------------------------- cache
 
 def expected_meta(role: str, *, teacher_sha256: str, teacher_arch: str, dataset: str, n_images: int,
-                  num_classes: int, pool_size: tuple[int, int], settings: OfflineSettings) -> dict[str, Any]:
+                  num_classes: int, pool_size: tuple[int, int], settings: OfflineSettings,
+                  backend: str = 'faiss-cpu') -> dict[str, Any]:
     """The metadata a quantizer file must carry to be used for this teacher, data and settings."""
     meta: dict[str, Any] = {
         'format_version': FORMAT_VERSION, 'layer': role, 'teacher_sha256': teacher_sha256,
@@ -300,9 +330,9 @@ def expected_meta(role: str, *, teacher_sha256: str, teacher_arch: str, dataset:
         'seed': settings.seed, 'max_positions': settings.max_positions, 'kmeans_iters': KMEANS_ITERS,
     }
     if role == 'penult':
-        meta['k'] = settings.k_penult
-    else:
-        meta.update(k=settings.k_inter, lda_dim=settings.lda_dim)
+        meta.update(k=settings.k_penult, kmeans_backend=backend)
+    else:   # the per-class k-means always runs on the CPU
+        meta.update(k=settings.k_inter, lda_dim=settings.lda_dim, kmeans_backend='faiss-cpu')
     return meta
 
 
@@ -328,15 +358,15 @@ def load_cached(path: str | Path, meta: dict[str, Any]) -> dict[str, torch.Tenso
 
 def quantizer_files(*, teacher_arch: str, teacher_path: str | Path, roles: tuple[str, ...],
                     pool_sizes: dict[str, tuple[int, int]], dataset: str, n_images: int, num_classes: int,
-                    settings: OfflineSettings, cache_dir: str | Path
+                    settings: OfflineSettings, cache_dir: str | Path, backend: str = 'faiss-cpu'
                     ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
-    """(expected metadata, file path) per role."""
+    """(expected metadata, file path) per role; ``backend`` is the penultimate k-means' (``kmeans_backend``)."""
     if teacher_path is None or not Path(teacher_path).is_file():
         raise UserError(f"letKD/QUEST need the teacher checkpoint file to identify the quantizers: {teacher_path}")
     sha = file_sha256(teacher_path)
     metas = {role: expected_meta(role, teacher_sha256=sha, teacher_arch=teacher_arch, dataset=dataset,
                                  n_images=n_images, num_classes=num_classes, pool_size=pool_sizes[role],
-                                 settings=settings) for role in roles}
+                                 settings=settings, backend=backend) for role in roles}
     return metas, {role: cache_path(cache_dir, metas[role]) for role in roles}
 
 
@@ -344,11 +374,29 @@ def ensure_quantizers(teacher: nn.Module, *, teacher_arch: str, teacher_path: st
                       pool_sizes: dict[str, tuple[int, int]], loader: Any, dataset: str, num_classes: int,
                       settings: OfflineSettings, cache_dir: str | Path, device: torch.device
                       ) -> dict[str, dict[str, torch.Tensor]]:
-    """The quantizer tensors per role: cached files that match are reused, missing ones built and saved."""
+    """The quantizer tensors per role: cached files that match are reused, missing ones built and saved.
+
+    Runs that need the same files (the trials of a sweep start together) share one build: the check and the
+    build happen under a file lock per teacher checkpoint, so the second run waits and then reuses the files.
+    """
     n_images = len(loader.dataset)
+    gpu = faiss_gpu_for(device)
     metas, paths = quantizer_files(teacher_arch=teacher_arch, teacher_path=teacher_path, roles=roles,
                                    pool_sizes=pool_sizes, dataset=dataset, n_images=n_images,
-                                   num_classes=num_classes, settings=settings, cache_dir=cache_dir)
+                                   num_classes=num_classes, settings=settings, cache_dir=cache_dir,
+                                   backend=kmeans_backend(gpu))
+    lock_dir = Path(cache_dir) / 'letkd'
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / f".build-{metas[roles[0]]['teacher_sha256'][:16]}.lock")):
+        return _load_or_build(teacher, metas, paths, teacher_arch=teacher_arch, roles=roles, pool_sizes=pool_sizes,
+                              loader=loader, n_images=n_images, num_classes=num_classes, settings=settings,
+                              device=device, gpu=gpu)
+
+
+def _load_or_build(teacher: nn.Module, metas: dict[str, dict[str, Any]], paths: dict[str, Path], *,
+                   teacher_arch: str, roles: tuple[str, ...], pool_sizes: dict[str, tuple[int, int]], loader: Any,
+                   n_images: int, num_classes: int, settings: OfflineSettings, device: torch.device,
+                   gpu: int | None) -> dict[str, dict[str, torch.Tensor]]:
     result: dict[str, dict[str, torch.Tensor]] = {}
     for role in roles:
         if paths[role].is_file():
@@ -364,7 +412,7 @@ def ensure_quantizers(teacher: nn.Module, *, teacher_arch: str, teacher_path: st
     for role in missing:
         feats, labels = features[role]
         if role == 'penult':
-            tensors = build_codebook(feats, settings.k_penult, settings.seed, device.type == 'cuda')
+            tensors = build_codebook(feats, settings.k_penult, settings.seed, gpu)
             extra: dict[str, int] = {}
         else:
             tensors, extra = build_subclasses(feats, labels, num_classes, settings.k_inter, settings.lda_dim,
@@ -427,7 +475,7 @@ def main(opt: argparse.Namespace) -> dict[str, Path]:
                       settings=settings, cache_dir=cache_dir, device=device)
     _, paths = quantizer_files(teacher_arch=model_t, teacher_path=opt.path_t, roles=roles, pool_sizes=pool_sizes,
                                dataset=opt.dataset, n_images=data.n_data, num_classes=data.num_classes,
-                               settings=settings, cache_dir=cache_dir)
+                               settings=settings, cache_dir=cache_dir, backend=kmeans_backend(faiss_gpu_for(device)))
     return paths
 
 
