@@ -60,9 +60,6 @@ def resolve_options(parsed: argparse.Namespace) -> ResolvedOptions:
         opt = updated(opt, model_t=opt.model_t or 'none')
     elif opt.model_t is None and opt.path_t is not None:
         opt = updated(opt, model_t=teacher_name_from_path(opt.path_t))
-    if method.needs_teacher and opt.model_t is not None and opt.model_t not in model_dict:
-        raise UserError(f"cannot use teacher architecture {opt.model_t!r} (from --model_t or the folder of "
-                        f"{opt.path_t}); pass --model_t with one of: {', '.join(model_dict)}")
     opt = resolve_common(opt, opt.model_s)
     return freeze(method.resolve_options(opt))
 
@@ -77,12 +74,15 @@ def resolve_run_dir(parsed: argparse.Namespace) -> Path:
     return run_folder(resolve_options(parsed))
 
 
-def check_teacher_file(opt: argparse.Namespace) -> None:
-    """The teacher checkpoint is given and exists (UserError otherwise)."""
+def check_teacher(opt: argparse.Namespace) -> None:
+    """The teacher checkpoint is given and exists, and its architecture is known (UserError otherwise)."""
     if opt.path_t is None:
         raise UserError(f"--distill {opt.distill} needs a teacher: pass --path_t")
     if not Path(opt.path_t).is_file():
         raise UserError(f"teacher checkpoint not found: {opt.path_t}")
+    if opt.model_t not in model_dict:
+        raise UserError(f"cannot use teacher architecture {opt.model_t!r} (from --model_t or the folder of "
+                        f"{opt.path_t}); pass --model_t with one of: {', '.join(model_dict)}")
 
 
 def main(parsed: argparse.Namespace) -> dict:
@@ -91,7 +91,7 @@ def main(parsed: argparse.Namespace) -> dict:
     run_dir = run_folder(opt)
     method = DISTILLERS[opt.distill]
     if method.needs_teacher:
-        check_teacher_file(opt)
+        check_teacher(opt)
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
     device = resolve_device(opt.device)
 

@@ -49,7 +49,7 @@ from dataset import DATASETS, get_dataloaders
 from helper.errors import UserError
 from helper.options import run_cli, teacher_name_from_path
 from helper.util import file_sha256, load_checkpoint, load_teacher, progress, resolve_device, save_checkpoint
-from models import Site, create_model, model_dict, model_facts, site_shapes, tap
+from models import MODEL_FACTS, Site, create_model, model_dict, model_facts, site_shapes, tap
 
 FORMAT_VERSION = 1
 KMEANS_ITERS = 20
@@ -101,7 +101,10 @@ class OfflineSettings:
 # ---------------------------------------------------------------------------------------------- places and maps
 
 def kd_sites(model_name: str, roles: tuple[str, ...] = ROLES) -> dict[str, Site]:
-    """The KD-layer places (models/facts.py) of a model of the zoo, for ``roles``."""
+    """The KD-layer places (models/facts.py) of a model of the zoo, for ``roles``; UserError for another name."""
+    if model_name not in MODEL_FACTS:
+        raise UserError(f"letKD/QUEST know no KD-layer places for model {model_name!r}; "
+                        f"supported: {', '.join(MODEL_FACTS)}")
     sites = model_facts(model_name).kd_sites
     return {role: sites[role] for role in roles}
 

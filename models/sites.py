@@ -74,13 +74,34 @@ def tap(model: nn.Module, sites: dict[str, Site]) -> Iterator[dict[str, Tensor]]
             handle.remove()
 
 
+class _AllSitesSeen(Exception):
+    """Raised by ``site_shapes``' hooks to end a probing forward once every site has been seen."""
+
+
 @torch.no_grad()
 def site_shapes(model: nn.Module, sites: dict[str, Site], image_size: int) -> dict[str, tuple[int, int, int]]:
-    """(C, H, W) of the tensor at each site for (image_size x image_size) inputs (dummy batch, eval mode)."""
+    """(C, H, W) of the tensor at each site for (image_size x image_size) inputs (dummy batch, eval mode).
+
+    The probing forward stops once every site has been seen (the layers after them, e.g. the classifier, do
+    not run).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    with tap(model, sites) as maps:
+    shapes: dict[str, tuple[int, int, int]] = {}
+
+    def record(role: str, tensor: Tensor) -> None:
+        shapes[role] = tuple(tensor.shape[1:])
+        if len(shapes) == len(sites):
+            raise _AllSitesSeen
+
+    handles = [attach(model, site, partial(record, role)) for role, site in sites.items()]
+    try:
         model(torch.zeros(2, 3, image_size, image_size, device=device))
-    model.train(was_training)
-    return {role: tuple(maps[role].shape[1:]) for role in sites}
+    except _AllSitesSeen:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {role: shapes[role] for role in sites}

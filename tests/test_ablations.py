@@ -11,7 +11,7 @@ import torch
 
 import train_student
 from distiller_zoo import build_distiller, canonical_name
-from distiller_zoo.letkd import LetKDStudent, KDLayer
+from distiller_zoo.letkd import KDLayer, LetKDStudent
 from helper.errors import UserError
 from helper.letkd_offline import kd_sites
 from helper.util import load_checkpoint, save_checkpoint
@@ -20,7 +20,6 @@ from scripts import launch
 from scripts.ablations import common, fitnet_kd_layer, k_inter_sweep, lda_probe, parts_grid, subclass_picture
 from tests.fixtures_data import load_random_quantizers, write_cifar100
 from tests.options import data_info, student_options
-
 
 # ---------------------------------------------------------------------------------------------- the variants
 

@@ -327,10 +327,23 @@ def test_simkd_teacher_classifier_is_frozen_but_passes_gradients_to_the_projecto
     assert torch.equal(teacher.fc.weight, fc_before)
 
 
-def test_simkd_refuses_a_teacher_whose_classifier_does_not_fit_its_last_map():
+def test_simkd_refuses_a_teacher_whose_classifier_does_not_fit_its_pooled_map():
+    teacher = create_model('resnet14', 100)
+    teacher.fc = torch.nn.Linear(32, 100)           # a classifier that cannot read the 64-channel pooled map
     with pytest.raises(UserError, match='cannot be a SimKD teacher'):
-        build_distiller('simkd', create_model('resnet8', 100), create_model('MobileNetV2', 100),
-                        make_opt('simkd', model_t='MobileNetV2'), make_info())
+        build_distiller('simkd', create_model('resnet8', 100), teacher, make_opt('simkd'), make_info())
+
+
+@pytest.mark.parametrize('teacher_name', ['MobileNetV2', 'ShuffleV2'])
+def test_simkd_accepts_teachers_whose_head_follows_feat_minus_2(teacher_name):
+    """Their classifiers read the conv2 / relu2 head, not feat[-2]; SimKD targets that head (the pooled map)."""
+    torch.manual_seed(0)
+    teacher = create_model(teacher_name, 100).eval()
+    distiller = build_distiller('simkd', create_model('resnet8', 100), teacher,
+                                make_opt('simkd', model_t=teacher_name, gamma=0.0, beta=1.0), make_info())
+    image, target = batch(n=2)
+    logits, losses = distiller.forward_train(image, target)
+    assert logits.shape == (2, 100) and torch.isfinite(losses['simkd'])
 
 
 # ---------------------------------------------------------------------------------------------- all three, per pair
