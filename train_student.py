@@ -64,6 +64,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--tdd_threshold', type=float, default=0.2,
                    help='kNN purity below which a class-tree node becomes one coarse group')
     g.add_argument('--tdd_knn', type=int, default=20, help='neighbours of the kNN purity of a tree node')
+    g.add_argument('--tdd_teacher_feat', type=str, default='stage', choices=('stage', 'block3_preact'),
+                   help="teacher maps of the class trees: stage outputs (ours), or block3_preact, the pre-ReLU "
+                        "residual sum of block 3 of each stage (KamalEngine's layerX.2.bn2 hook; CIFAR ResNets)")
+    g.add_argument('--tdd_prototype', type=str, default='mean', choices=('mean', 'midpoint'),
+                   help="tree-node prototype of the kNN purity: mean of the class means (ours), or midpoint "
+                        "of the two children (KamalEngine's)")
     g.add_argument('--crd_weight', type=float, default=0.8, help='weight of the CRD term of tdd_crd (TDD+CRD)')
     g = parser.add_argument_group('letKD / QUEST')
     g.add_argument('--k_penult', type=int, default=4096, help='words of the penultimate codebook (k-means K)')
