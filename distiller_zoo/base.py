@@ -8,6 +8,7 @@ method's extra modules. The loop calls only:
 - ``deployable()``            the module that is evaluated, counted and saved as "the student"
 - ``prepare(data, device=..., cache_dir=..., resumed=...)``  offline / init stages (optional)
 - ``epoch_metrics()``         extra per-epoch scalars to log (optional)
+- ``summary_extras()``        extra values for summary.json (optional)
 
 Options contract: a method lists the declarations of its flags in ``option_groups`` (functions that add
 an argument group to a parser; train_student.py's parser is built from the registry, each group once),
@@ -132,6 +133,10 @@ class Distiller(nn.Module):
 
     def epoch_metrics(self) -> dict[str, float]:
         """Extra scalars for this epoch's log line (and reset their accumulators). Default: none."""
+        return {}
+
+    def summary_extras(self) -> dict[str, Any]:
+        """Extra JSON values the method adds to summary.json (e.g. TDD's groups per stage). Default: none."""
         return {}
 
     # ----------------------------------------------------------------- helpers for subclasses

@@ -221,7 +221,7 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
         'params_deployed': count_params(deployable), 'macs_deployed': count_macs(deployable, data.image_size),
         'seed': cfg.seed,
         **({} if test_loader is None else {**best_val, 'last_val_acc': last['val_acc']}),
-        **cfg.summary_extra,
+        **cfg.summary_extra, **distiller.summary_extras(),
         'git_sha': git_sha(), 'torch_version': torch.__version__, 'device_name': device_name(device),
         'wall_time_s': wall_time,
     }

@@ -9,7 +9,9 @@ mean +- std over trials (n) of the last-epoch and of the best-epoch accuracy, th
 and our difference to it; the best method of each column in bold. A second table gives the
 deployed student's parameters and multiply-adds per method (letKD and SimKD students keep extra
 modules at test time). Writes comparison.csv and comparison_<dataset>.png to --out and lists the
-runs that are missing.
+runs that are missing. A TDD cell some of whose runs had degenerate class trees (``tdd_degenerate``
+in summary.json: one group per class at every distilled stage, i.e. KD plus per-class heads) is
+marked ``[degenerate trees k/n]``.
 """
 from __future__ import annotations
 
@@ -38,10 +40,12 @@ class Group:
     best: list[float] = field(default_factory=list)
     params: int | None = None
     macs: int | None = None
+    degenerate: int = 0      # runs whose TDD class trees had one group per class at every stage
 
     def add(self, summary: dict) -> None:
         self.last.append(float(summary['last_acc']))
         self.best.append(float(summary['best_acc']))
+        self.degenerate += bool(summary.get('tdd_degenerate'))
         self.params = summary.get('params_deployed', self.params)
         self.macs = summary.get('macs_deployed', self.macs)
 
@@ -90,7 +94,8 @@ def cell(group: Group | None, metric: str, published: float | None) -> tuple[str
         return f'- / {pub}', None
     mean, std = mean_std(getattr(group, metric))
     delta = f'{mean - published:+.2f}' if published is not None else '-'
-    return f'{mean:.2f} +- {std:.2f} ({len(group.last)}) / {pub} / {delta}', mean
+    mark = f' [degenerate trees {group.degenerate}/{len(group.last)}]' if group.degenerate else ''
+    return f'{mean:.2f} +- {std:.2f} ({len(group.last)}) / {pub} / {delta}{mark}', mean
 
 
 def accuracy_table(runs, vanilla, published, dataset: str, pairs, labels, metric: str) -> str:
@@ -150,7 +155,8 @@ def write_csv(path: Path, runs, vanilla, published) -> None:
     with open(path, 'w', newline='') as f:
         writer = csv.writer(f)
         writer.writerow(['dataset', 'teacher', 'student', 'method', 'n', 'last_mean', 'last_std', 'best_mean',
-                         'best_std', 'published', 'delta_last', 'delta_best', 'params_deployed', 'macs_deployed'])
+                         'best_std', 'published', 'delta_last', 'delta_best', 'params_deployed', 'macs_deployed',
+                         'tdd_degenerate_runs'])
         for (dataset, t, s, label), group in sorted(runs.items()):
             last_mean, last_std = mean_std(group.last)
             best_mean, best_std = mean_std(group.best)
@@ -158,12 +164,13 @@ def write_csv(path: Path, runs, vanilla, published) -> None:
             writer.writerow([dataset, t, s, label, len(group.last), f'{last_mean:.4f}', f'{last_std:.4f}',
                              f'{best_mean:.4f}', f'{best_std:.4f}', '' if pub is None else pub,
                              '' if pub is None else f'{last_mean - pub:.4f}',
-                             '' if pub is None else f'{best_mean - pub:.4f}', group.params, group.macs])
+                             '' if pub is None else f'{best_mean - pub:.4f}', group.params, group.macs,
+                             group.degenerate])
         for (dataset, model), group in sorted(vanilla.items()):
             last_mean, last_std = mean_std(group.last)
             best_mean, best_std = mean_std(group.best)
             writer.writerow([dataset, '', model, 'vanilla', len(group.last), f'{last_mean:.4f}', f'{last_std:.4f}',
-                             f'{best_mean:.4f}', f'{best_std:.4f}', '', '', '', group.params, group.macs])
+                             f'{best_mean:.4f}', f'{best_std:.4f}', '', '', '', group.params, group.macs, 0])
 
 
 def plot(path: Path, runs, published, dataset: str, pairs, labels) -> None:

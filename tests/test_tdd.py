@@ -1,20 +1,24 @@
-"""TDD and TDD+CRD: the offline class trees (hand-made embeddings), the decision loss against its
-formula, gradients, the paper's pairs, the cache, and one epoch of each through train_student.cli."""
+"""TDD and TDD+CRD: the offline class trees (hand-made embeddings), the reference's choices (teacher
+feature, node prototype), the decision loss against its formula, gradients, the paper's pairs, the
+cache, degenerate trees, and one epoch of each through train_student.cli."""
+import csv
 import hashlib
 import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_student
 from dataset import get_dataloaders
 from distiller_zoo import build_distiller
-from distiller_zoo.tdd import (TDD, TDDCRD, class_tree_partition, cut_tree, knn_purity, node_members,
-                               stage_embeddings)
+from distiller_zoo.tdd import (TDD, TDDCRD, block3_preact_maps, class_tree_partition, cut_tree, is_degenerate,
+                               knn_purity, node_members, node_prototypes, stage_embeddings)
 from helper.errors import UserError
 from helper.util import load_checkpoint, save_checkpoint
 from models import create_model
+from scripts import compare_with_paper
 from tests.fixtures_data import train_on_fixed_batch, write_cifar100
 from tests.options import data_info, student_options
 
@@ -108,6 +112,110 @@ def test_knn_purity_computed_by_hand():
     assert purity.tolist() == pytest.approx([1 / 3, 2 / 3, 2 / 3, 1 / 3])
     # k = 1 at 2.0: the tie between x=1 (index 1, l1) and x=3 (index 2, l2) goes to index 1
     assert knn_purity(prototypes[3:], emb, labels, [[1]], k=1, num_classes=3).tolist() == [1.0]
+
+
+# A hand-made tree where the two prototypes differ: 1-D class means 0, 1, 3, 100. Ward joins {0,1}
+# (node 4), then {0,1} with class 2 (node 5: children 2 and 4), then class 3 (root 6).
+#   node 4 {0,1}:   mean (0+1)/2 = 0.5           midpoint (0+1)/2 = 0.5
+#   node 5 {0,1,2}: mean (0+1+3)/3 = 4/3         midpoint (0.5+3)/2 = 1.75
+#   root {0..3}:    mean 104/4 = 26              midpoint (1.75+100)/2 = 50.875
+# Samples: class 3 has 1.8 (and 198.2, keeping its mean at 100). With k = 1 the nearest sample of 4/3
+# is x=1 (class 1, in node 5): purity 1; the nearest of 1.75 is x=1.8 (class 3): purity 0.
+MIDPOINT_TOY = {0: [0.0], 1: [1.0], 2: [3.0], 3: [1.8, 198.2]}
+
+
+def test_node_prototypes_mean_versus_midpoint_by_hand():
+    children = [(0, 1), (2, 4), (3, 5)]
+    means = torch.tensor([[0.0], [1.0], [3.0], [100.0]], dtype=torch.float64)
+    assert node_prototypes(children, means, 'mean').flatten().tolist() == pytest.approx([0.5, 4 / 3, 26.0])
+    assert node_prototypes(children, means, 'midpoint').flatten().tolist() == pytest.approx([0.5, 1.75, 50.875])
+    with pytest.raises(UserError, match='tdd_prototype'):
+        node_prototypes(children, means, 'median')
+
+
+def test_the_prototype_choice_changes_the_purity_and_the_cut():
+    emb = torch.tensor([[x] for c in MIDPOINT_TOY for x in MIDPOINT_TOY[c]])
+    labels = torch.tensor([c for c in MIDPOINT_TOY for _ in MIDPOINT_TOY[c]])
+    mean_cut, mean_info = class_tree_partition(emb, labels, 4, 0.5, k=1, prototype='mean')
+    mid_cut, mid_info = class_tree_partition(emb, labels, 4, 0.5, k=1, prototype='midpoint')
+    assert mean_info['linkage'].tolist() == mid_info['linkage'].tolist() == [[0, 1], [2, 4], [3, 5]]
+    # node 4's prototype 0.5 is equidistant from x=0 and x=1 (both inside it); the root is always pure
+    assert mean_info['purity'].tolist() == [1.0, 1.0, 1.0]
+    assert mid_info['purity'].tolist() == [1.0, 0.0, 1.0]
+    assert mean_cut == [[0], [1], [2], [3]]
+    assert mid_cut == [[0, 1, 2], [3]]
+    # the default is the mean of the class means
+    assert class_tree_partition(emb, labels, 4, 0.5, k=1)[0] == mean_cut
+
+
+def randomize_batchnorm(model):
+    """Non-trivial BN statistics and affine parameters, so that every BN of the hand computation matters."""
+    generator = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.3)
+    return model.eval()
+
+
+def bn(x, m):
+    return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+
+@torch.no_grad()
+def test_reference_teacher_feature_is_the_pre_relu_residual_sum_of_block_3_by_hand():
+    torch.manual_seed(0)
+    teacher = randomize_batchnorm(create_model('resnet32', 10))      # 5 blocks per stage: block 3 is inside
+    keys = set(teacher.state_dict())
+    image = torch.randn(2, 3, 32, 32)
+    maps = block3_preact_maps(teacher, image)
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 32, 32), (2, 32, 16, 16), (2, 64, 8, 8)]
+
+    # by hand for stage 2: run the stem, stage 1 and blocks 1-2 of stage 2, then block 3's two convs
+    x = F.relu(bn(F.conv2d(image, teacher.conv1.weight, padding=1), teacher.bn1))
+    x = teacher.layer2[:2](teacher.layer1(x))
+    block = teacher.layer2[2]
+    assert block.downsample is None                                   # the shortcut of block 3 is the identity
+    h = F.relu(bn(F.conv2d(x, block.conv1.weight, padding=1), block.bn1))
+    expected = bn(F.conv2d(h, block.conv2.weight, padding=1), block.bn2) + x
+    assert torch.allclose(maps[1], expected, atol=1e-5)
+    assert (maps[1] < 0).any()                                        # before the ReLU
+    assert not torch.allclose(maps[1], F.relu(expected))
+    feats, _ = teacher(image, is_feat=True, preact=True)               # and not the stage's last block
+    assert not torch.allclose(maps[1], feats[2])
+    # the hooks are gone and the model is unchanged
+    assert set(teacher.state_dict()) == keys
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())
+
+
+@torch.no_grad()
+def test_reference_teacher_feature_feeds_the_embeddings_and_the_heads():
+    torch.manual_seed(0)
+    teacher = randomize_batchnorm(create_model('resnet20', 10))
+    image, target = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    loader = [(image, target, torch.arange(6))]
+    embeddings, labels = stage_embeddings(teacher, loader, 6, torch.device('cpu'), 'block3_preact')
+    for emb, f in zip(embeddings, block3_preact_maps(teacher, image)):
+        assert torch.allclose(emb, f.mean(dim=(2, 3)), atol=1e-6)
+    # resnet20: block 3 is the last block of each stage, i.e. RepDistiller's preact stage features
+    feats, _ = teacher(image, is_feat=True, preact=True)
+    assert all(torch.allclose(e, f.mean(dim=(2, 3)), atol=1e-5) for e, f in zip(embeddings, feats[1:-1]))
+    distiller = build(teacher='resnet56', tdd_teacher_feat='block3_preact')
+    distiller.set_partitions([modulo_partition(10, m) for m in (2, 5, 10)])
+    assert [h.linear.in_features for h in distiller.heads] == [16, 32, 64]
+
+
+@pytest.mark.parametrize('teacher', ['resnet14', 'wrn_40_2'])
+def test_reference_teacher_feature_needs_a_cifar_resnet_with_three_blocks(teacher):
+    with pytest.raises(UserError, match='block3_preact'):      # the resolver refuses it
+        make_opt(model_t=teacher, tdd_teacher_feat='block3_preact')
+    opt = make_opt(model_t='resnet32x4', tdd_teacher_feat='block3_preact')
+    with pytest.raises(UserError, match='block3_preact'):      # and so does the constructor, on the real teacher
+        TDD(create_model('resnet8', 10), create_model(teacher, 10), opt, make_info())
+    with pytest.raises(SystemExit):                            # argparse's choices
+        train_student.get_args_parser().parse_args(['--tdd_prototype', 'median'])
 
 
 # ------------------------------------------------------------------------- the decision loss
@@ -259,6 +367,7 @@ def test_prepare_builds_the_trees_from_clean_teacher_features_and_caches_them(sm
                                  'knn', 'format_version')} == \
         {'teacher_arch': 'resnet14', 'dataset': 'cifar100', 'num_classes': 10, 'n_images': 40, 'stages': [1, 2, 3],
          'threshold': 0.2, 'knn': 3, 'format_version': 1}
+    assert (meta['teacher_feat'], meta['prototype']) == ('stage', 'mean')
     assert meta['teacher_sha256'] == hashlib.sha256(small_data[1].read_bytes()).hexdigest()
     assert meta['groups_per_stage'] == [len(p) for p in cached['partitions']]
     assert distiller.partitions() == cached['partitions']
@@ -298,6 +407,64 @@ def test_cache_is_reused_and_a_mismatching_file_is_refused(small_data, tmp_path,
         prepared(small_data, tmp_path)
 
 
+def test_prototype_choice_has_its_own_cache_file_and_old_files_still_load(small_data, tmp_path, capsys):
+    mean, _ = prepared(small_data, tmp_path)
+    midpoint, _ = prepared(small_data, tmp_path, tdd_prototype='midpoint')
+    assert 'prototypes midpoint' in capsys.readouterr().out
+    files = sorted(p.name for p in (tmp_path / 'tdd').iterdir())
+    assert len(files) == 2 and files[1].endswith('_knn3_midpoint.pth')
+    assert load_checkpoint(tmp_path / 'tdd' / files[1])['meta']['prototype'] == 'midpoint'
+    # a file written before the choices existed (no such keys) is the default's
+    path = tmp_path / 'tdd' / files[0]
+    cached = load_checkpoint(path)
+    del cached['meta']['teacher_feat'], cached['meta']['prototype']
+    save_checkpoint(cached, path)
+    assert prepared(small_data, tmp_path)[0].partitions() == mean.partitions()
+    assert 'loaded from' in capsys.readouterr().out
+
+
+def test_degenerate_is_one_group_per_class_at_every_distilled_stage():
+    singletons = modulo_partition(10, 10)
+    assert is_degenerate([singletons, singletons], 10)
+    assert not is_degenerate([singletons, modulo_partition(10, 5)], 10)
+    assert not is_degenerate([], 10)
+    distiller = build()
+    distiller.set_partitions([singletons, modulo_partition(10, 5), singletons])
+    assert distiller.summary_extras() == {'tdd_groups': [10, 5, 10], 'tdd_degenerate': False}
+    distiller.set_partitions([singletons] * 3)
+    assert distiller.summary_extras() == {'tdd_groups': [10, 10, 10], 'tdd_degenerate': True}
+
+
+@pytest.fixture(scope='module')
+def digits_teacher(tmp_path_factory):
+    """A random 10-class resnet14 checkpoint for the bundled digits set."""
+    folder = tmp_path_factory.mktemp('tdd_digits') / 'resnet14_vanilla'
+    folder.mkdir()
+    torch.manual_seed(0)
+    save_checkpoint({'model': create_model('resnet14', 10).state_dict()}, folder / 'ckpt_epoch_240.pth')
+    return folder / 'ckpt_epoch_240.pth'
+
+
+@pytest.mark.parametrize('threshold, warned', [(0.0, True), (1.0, False)])
+def test_degenerate_trees_on_digits_print_a_warning(digits_teacher, tmp_path, capsys, threshold, warned):
+    # threshold 0 splits every node: one group per class at every stage (what the trained digits
+    # teacher gives at 0.2); threshold 1 keeps every impure node whole
+    data = get_dataloaders('digits', str(tmp_path), batch_size=256, num_workers=0, mode='plain', download=False)
+    teacher = create_model('resnet14', 10)
+    teacher.load_state_dict(load_checkpoint(digits_teacher)['model'])
+    opt = make_opt(path_t=str(digits_teacher), dataset='digits', tdd_knn=20, tdd_threshold=threshold)
+    distiller = TDD(create_model('resnet8', 10), teacher, opt, data.info)
+    distiller.prepare(data, device=torch.device('cpu'), cache_dir=str(tmp_path))
+    err = capsys.readouterr().err
+    groups = distiller.groups_per_stage()
+    assert distiller.degenerate() is warned
+    if warned:
+        assert groups == [10, 10, 10]
+        assert len(err.strip().splitlines()) == 1 and err.startswith('warning: TDD trees are degenerate')
+    else:
+        assert any(g < 10 for g in groups) and 'degenerate' not in err
+
+
 # ------------------------------------------------------------------------- end to end
 @pytest.fixture(scope='module')
 def cli_data(data_dir, vanilla_teacher):
@@ -321,7 +488,12 @@ def test_tdd_one_epoch_end_to_end_then_resume_reloads_the_cache(cli_data, tmp_pa
     (record,) = read_metrics(run_dir)
     assert {'loss_ce', 'loss_kd', 'loss_tdd', 'tdd_groups_1', 'tdd_groups_2', 'tdd_groups_3'} <= set(record)
     (cache,) = (tmp_path / 'cache' / 'tdd').iterdir()
-    assert load_checkpoint(cache)['meta']['groups_per_stage'] == [record[f'tdd_groups_{i}'] for i in (1, 2, 3)]
+    groups = load_checkpoint(cache)['meta']['groups_per_stage']
+    assert groups == [record[f'tdd_groups_{i}'] for i in (1, 2, 3)]
+    # summary.json records the groups per stage and whether the trees were degenerate
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['tdd_groups'] == groups
+    assert summary['tdd_degenerate'] == (groups == [100, 100, 100])
     # the saved student is the plain resnet8 (no heads)
     state = load_checkpoint(run_dir / 'ckpt_epoch_1.pth')['model']
     assert set(state) == set(create_model('resnet8', 100).state_dict())
@@ -331,10 +503,54 @@ def test_tdd_one_epoch_end_to_end_then_resume_reloads_the_cache(cli_data, tmp_pa
     assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2]
 
 
-def test_tdd_crd_one_epoch_end_to_end(cli_data, tmp_path):
+def test_tdd_crd_one_epoch_end_to_end_with_crd_kd_default_weights(cli_data, tmp_path):
     assert run_cli(cli_data, tmp_path, '--distill', 'tdd_crd', '--epochs', '1', '--nce_k', '16') == 0
-    run_dir = tmp_path / 'student_model' / 'S:resnet8_T:resnet14_cifar100_tdd_crd_r:0.1_a:0.9_b:0.1_1'
+    run_dir = tmp_path / 'student_model' / 'S:resnet8_T:resnet14_cifar100_tdd_crd_r:1.0_a:1.0_b:0.1_1'
     (record,) = read_metrics(run_dir)
     assert {'loss_ce', 'loss_kd', 'loss_tdd', 'loss_crd', 'tdd_groups_3'} <= set(record)
     summary = json.loads((run_dir / 'summary.json').read_text())
     assert summary['distill'] == 'tdd_crd' and summary['params_deployed'] == 83_892   # plain resnet8
+    # CRD+KD (RepDistiller's -r 1 -a 1, CRD 0.8) plus 0.1 x TDD, all recorded in args.json
+    args = json.loads((run_dir / 'args.json').read_text())
+    assert (args['gamma'], args['alpha'], args['beta'], args['crd_weight']) == (1.0, 1.0, 0.1, 0.8)
+    assert (args['tdd_teacher_feat'], args['tdd_prototype']) == ('stage', 'mean')
+
+
+def test_tdd_crd_on_tdds_own_base_is_reachable_with_flags(cli_data):
+    root, ckpt = cli_data
+    parser = train_student.get_args_parser()
+    opt = train_student.resolve_options(parser.parse_args(['--path_t', str(ckpt), '--distill', 'tdd_crd']))
+    assert (opt.gamma, opt.alpha, opt.beta, opt.crd_weight) == (1.0, 1.0, 0.1, 0.8)
+    opt = parser.parse_args(['--path_t', str(ckpt), '--distill', 'tdd_crd', '-r', '0.1', '-a', '0.9', '-b', '0.1'])
+    assert train_student.resolve_run_dir(opt).name.endswith('_tdd_crd_r:0.1_a:0.9_b:0.1_1')
+    opt = train_student.resolve_options(parser.parse_args(['--path_t', str(ckpt), '--distill', 'tdd']))
+    assert (opt.gamma, opt.alpha, opt.beta) == (0.1, 0.9, 0.1)                 # TDD itself is unchanged
+
+
+def test_settings_pass_every_tdd_crd_weight_explicitly():
+    from scripts.settings import METHODS
+    flags = METHODS['TDD+CRD'].flags
+    values = dict(zip(flags[::2], flags[1::2]))
+    assert METHODS['TDD+CRD'].distill == 'tdd_crd'
+    assert values == {'-r': '1', '-a': '1', '-b': '0.1', '--crd_weight': '0.8'}
+    crd_kd = dict(zip(METHODS['CRD+KD'].flags[::2], METHODS['CRD+KD'].flags[1::2]))
+    assert (values['-r'], values['-a'], values['--crd_weight']) == (crd_kd['-r'], crd_kd['-a'], crd_kd['-b'])
+
+
+def test_compare_with_paper_marks_tdd_cells_with_degenerate_trees(tmp_path, capsys):
+    save = tmp_path / 'save'
+    common = dict(dataset='cifar100', model_t='resnet56', model_s='resnet20', best_acc=71.0)
+    runs = [('tdd', 0.9, True, 70.0), ('tdd', 0.9, False, 71.0), ('tdd_crd', 1.0, False, 72.0), ('kd', 0.9, None, 70.5)]
+    for i, (distill, alpha, degenerate, last) in enumerate(runs):
+        folder = save / f'run{i}'
+        folder.mkdir(parents=True)
+        extra = {} if degenerate is None else {'tdd_degenerate': degenerate, 'tdd_groups': [100] * 3}
+        (folder / 'summary.json').write_text(json.dumps(dict(common, distill=distill, alpha=alpha, last_acc=last,
+                                                             **extra)))
+    assert compare_with_paper.main([str(save), '--out', str(tmp_path / 'out')]) == 0
+    out = capsys.readouterr().out
+    assert '70.50 +- 0.71 (2) / 71.53 / -1.03 [degenerate trees 1/2]' in out       # TDD, published 71.53
+    assert '**72.00 +- 0.00 (1) / 71.88 / +0.12**' in out                          # no mark on TDD+CRD
+    assert out.count('[degenerate trees') == 2                                      # last- and best-epoch tables
+    rows = {r['method']: r for r in csv.DictReader(open(tmp_path / 'out' / 'comparison.csv'))}
+    assert (rows['TDD']['tdd_degenerate_runs'], rows['TDD+CRD']['tdd_degenerate_runs']) == ('1', '0')
