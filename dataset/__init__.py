@@ -177,10 +177,14 @@ def get_dataloaders(
         train_items, batch_size=batch_size, shuffle=True, num_workers=num_workers,
         generator=torch.Generator(), drop_last=drop_last, **common,
     )
-    val_loader = DataLoader(test_set, batch_size=test_batch_size, shuffle=False, num_workers=num_workers // 2, **common)
+    # the evaluation loaders get generators of their own: without one, each iteration draws its workers' base
+    # seed from the global torch RNG, so an offline stage that reads train_eval_loader only when its cache is
+    # missing would change the augmentation of the training run that follows
+    evaluation = dict(batch_size=test_batch_size, shuffle=False, **common)
+    val_loader = DataLoader(test_set, num_workers=num_workers // 2, generator=torch.Generator(), **evaluation)
     test_loader = None if held_out is None else DataLoader(
-        held_out, batch_size=test_batch_size, shuffle=False, num_workers=num_workers // 2, **common)
-    train_eval_loader = DataLoader(eval_set, batch_size=test_batch_size, shuffle=False, num_workers=num_workers, **common)
+        held_out, num_workers=num_workers // 2, generator=torch.Generator(), **evaluation)
+    train_eval_loader = DataLoader(eval_set, num_workers=num_workers, generator=torch.Generator(), **evaluation)
     bundle = DataBundle(
         train_loader=train_loader,
         val_loader=val_loader,

@@ -384,3 +384,13 @@ def test_digits_split_shapes_and_determinism():
 
 def test_dataset_names_are_the_cli_choices():
     assert dataset.DATASETS == ("cifar100", "tinyimagenet", "imagenet", "digits")
+
+
+def test_evaluation_loaders_leave_the_global_rng_alone(cifar100_dir: Path):
+    """An offline stage reads train_eval_loader only when its cache is missing: that must not shift the
+    global torch RNG (which drives augmentation with --num_workers 0), or cached and fresh runs differ."""
+    bundle = get_dataloaders("cifar100", str(cifar100_dir), 16, 0, download=False)
+    for loader in (bundle.train_eval_loader, bundle.val_loader):
+        before = torch.get_rng_state()
+        next(iter(loader))
+        assert torch.equal(torch.get_rng_state(), before)
