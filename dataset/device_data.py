@@ -215,6 +215,8 @@ class DeviceTrainLoader:
         pixels = self.padded[index[:, None, None], rows[:, :, None], cols[:, None, :]]   # (B, H, W, 3) uint8
         if angles is None:
             return _to_nchw(pixels, self.scale, self.shift, self.channels_last)
+        if flips is not None:   # the reference rotates, then flips: flip(rotate(x, a)) == rotate(flip(x), -a)
+            angles = torch.where(flips, -angles, angles)
         grid = rotation_grid(angles, self.height, self.width)
         chw = pixels.permute(0, 3, 1, 2).float()
         rotated = torch.nn.functional.grid_sample(chw, grid, mode="nearest", padding_mode="zeros",
