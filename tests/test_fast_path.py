@@ -341,3 +341,23 @@ def test_fast_cli_resumes_exactly(tmp_path):
         assert json.loads((folder / 'args.json').read_text())['device_data'] is True
     keys = ('train_loss', 'train_acc', 'test_acc', 'test_loss')
     assert [[r[k] for k in keys] for r in runs['full']] == [[r[k] for k in keys] for r in runs['killed']]
+
+
+@pytest.mark.parametrize('script, flags', [('run_cifar_distill.sh', ['--fast']),
+                                           ('run_tinyimagenet.sh', ['--extra', '--fast --compile none'])])
+def test_sweep_scripts_pass_fast_through(script, flags):
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    import train_student
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(['bash', str(root / 'scripts' / script), '--dry-run', '--trials', '1', *flags],
+                         capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, 'PYTHON': sys.executable}).stdout
+    lines = [shlex.split(line) for line in out.splitlines() if line.startswith('python')]
+    assert lines and all('--fast' in argv for argv in lines)
+    student = next(argv for argv in lines if argv[1] == 'train_student.py')
+    opt = train_student.resolve_options(train_student.get_args_parser().parse_args(student[2:]))
+    assert opt.fast_loop and opt.device_data
