@@ -39,7 +39,6 @@ from helper.letkd_offline import (ROLES, OfflineSettings, add_quantizer_argument
                                   codebook_targets, ensure_quantizers, flatten_positions, kd_sites, lda_project,
                                   nearest_subclass_of_class, pair_shapes, pool_teacher_to)
 from helper.options import updated
-from helper.util import AverageMeter
 from models import attach, create_model, tap
 
 NORM_EPS = 1e-12
@@ -163,6 +162,25 @@ class SubclassQuantizer(nn.Module):
         return self.scores[chosen], chosen
 
 
+class DeviceMeter:
+    """A weighted running mean kept as a tensor where the values live: ``update`` adds without a host
+    sync; ``avg()`` reads it (one sync, at the epoch end)."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def update(self, value: Tensor, weight: int = 1) -> None:
+        """Add ``weight * value`` (a 0-dim tensor) to the sum."""
+        term = value.detach().to(torch.float32 if value.device.type == 'mps' else torch.float64) * weight
+        self.total = term if self.total is None else self.total + term
+        self.count += weight
+
+    def avg(self) -> float:
+        """The weighted mean as a Python float (0.0 before any update)."""
+        return float(self.total) / self.count if self.total is not None and self.count else 0.0
+
+
 # ---------------------------------------------------------------------------------------------- deployed student
 
 class LetKDStudent(nn.Module):
@@ -279,7 +297,7 @@ class QuantizedKD(Distiller):
                                                      getattr(opt, self.tau_flag))
         self.quantizers = nn.ModuleDict(quantizers)
         self.kl_weight = self.beta
-        self.meters: dict[str, AverageMeter] = {}
+        self.meters: dict[str, DeviceMeter] = {}
 
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
         """Load the teacher's quantizers from ``<cache_dir>/letkd/``, building the missing ones first
@@ -318,7 +336,7 @@ class QuantizedKD(Distiller):
         losses = self.logit_losses(logit_s, logit_t, target)
         for role in self.roles:
             height, width = maps[role].shape[2:]
-            labels = target.repeat_interleave(height * width)
+            labels = target.view(-1, 1).expand(-1, height * width).reshape(-1)   # one label per position
             p_t, hard = self.quantizers[role](flatten_positions(maps[role]), labels)
             s = flatten_positions(scores[role])
             kl = position_kl(s, p_t)
@@ -328,19 +346,23 @@ class QuantizedKD(Distiller):
 
     @torch.no_grad()
     def _record(self, role: str, kl: Tensor, scores: Tensor, target: Tensor, hard: Tensor) -> None:
+        """Add this batch's metrics to device-side sums (no host sync); ``epoch_metrics`` reads them."""
         n = scores.shape[0]
-        histogram = torch.bincount(hard, minlength=target.shape[1]).float() / n
-        values = {
-            f'kl_{role}': (kl.item(), n),
-            f'agree_{role}': ((scores.argmax(1) == target.argmax(1)).float().mean().item() * 100.0, n),
-            f'perplexity_{role}': (torch.special.entr(histogram).sum().exp().item(), 1),
-            f'teacher_maxprob_{role}': (target.max(1).values.mean().item(), n),
+        # scatter-add, not bincount: CUDA's bincount reads the input's max on the host
+        histogram = torch.zeros(target.shape[1], device=hard.device).index_add_(
+            0, hard, torch.ones(n, device=hard.device)) / n
+        values = {   # name -> (batch value as a 0-dim tensor, its weight)
+            f'kl_{role}': (kl.detach().float(), n),
+            f'agree_{role}': ((scores.argmax(1) == target.argmax(1)).float().mean() * 100.0, n),
+            f'perplexity_{role}': (torch.special.entr(histogram).sum().exp(), 1),
+            f'teacher_maxprob_{role}': (target.max(1).values.float().mean(), n),
         }
         for name, (value, weight) in values.items():
-            self.meters.setdefault(name, AverageMeter()).update(value, weight)
+            self.meters.setdefault(name, DeviceMeter()).update(value, weight)
 
     def epoch_metrics(self) -> dict[str, float]:
-        metrics = {name: meter.avg for name, meter in self.meters.items()}
+        """The epoch's weighted means (one host read per metric, here only) and a reset."""
+        metrics = {name: meter.avg() for name, meter in self.meters.items()}
         self.meters = {}
         return metrics
 
