@@ -324,6 +324,7 @@ class LetKDStudent(nn.Module):
         self.backbone = backbone
         self.kd_layers = nn.ModuleDict(kd_layers)
         self.scores: dict[str, Tensor] = {}
+        self.folded = False               # fold_bn() was called: inference only
         sites = kd_sites(model_name, tuple(kd_layers))
         for role in ROLES:   # forward order: on a shared tensor the intermediate layer runs first
             if role in kd_layers:
@@ -347,7 +348,7 @@ class LetKDStudent(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> 'LetKDStudent':
-        if mode and getattr(self, 'folded', False):
+        if mode and self.folded:
             raise RuntimeError('a letKD student with folded KD layers is for inference only')
         return super().train(mode)
 
