@@ -248,7 +248,7 @@ class SubclassQuantizer(nn.Module):
     and that sub-class's row of the score matrix s_T.
 
     Non-persistent buffers, filled by ``load``: ``scalings`` (D, n_comp), ``xbar`` (D,), ``centroids``
-    (classes*K_inter, n_comp), ``scores`` (classes*K_inter, classes*K_inter); ``row_neg_entropy`` is derived.
+    (classes*K_inter, n_comp), ``scores`` (classes*K_inter, classes*K_inter).
     ``forward(t (N, D), labels (N,)) -> (targets (N, classes*K_inter), chosen sub-classes (N,))``.
     """
 
@@ -257,8 +257,9 @@ class SubclassQuantizer(nn.Module):
         self.k_inter, self.dim, self.num_subclasses = k_inter, dim, num_classes * k_inter
         for name in ('scalings', 'xbar', 'centroids', 'scores'):     # sized by load()
             self.register_buffer(name, torch.zeros(0), persistent=False)
-        # sum_k s log s of each row of ``scores`` (the targets' negative entropies), set by load()
-        self.register_buffer('row_neg_entropy', torch.zeros(0), persistent=False)
+        # sum_k s log s of each row of ``scores`` (the targets' negative entropies), set by load(); a plain
+        # attribute, not a buffer (the quantizer's buffers are the offline file's tensors)
+        self.row_neg_entropy = torch.zeros(0)
         self.loaded = False
 
     def load(self, tensors: dict[str, Tensor]) -> None:
@@ -285,7 +286,8 @@ class SubclassQuantizer(nn.Module):
         with torch.autocast(t.device.type, enabled=False):
             z = lda_project(t.float(), self.xbar, self.scalings)
             chosen = nearest_subclass_of_class(z, labels, self.centroids, self.k_inter)
-        return SiteTargets(self.scores[chosen], self.row_neg_entropy[chosen], chosen)
+        row_neg_entropy = self.row_neg_entropy.to(self.scores.device)     # a no-op unless moved after load
+        return SiteTargets(self.scores[chosen], row_neg_entropy[chosen], chosen)
 
 
 class DeviceMeter:
