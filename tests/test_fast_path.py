@@ -242,13 +242,7 @@ def test_no_host_sync_in_a_fast_training_step(distill, cifar_folder, tmp_path):
 
 # Methods whose forward_train still syncs (metrics, memory bookkeeping or warm-up read on the host): their
 # method side is another branch's work (issue 11, Part 2). The lead removes a name when it merges the fix.
-METHOD_SIDE_PENDING = {'crd', 'tdd_crd', 'dkd', 'letkd1', 'letkd2', 'quest', 'letkd_inter', 'fitnet_kdlayer'}
-
-
-@pytest.mark.parametrize('distill', [
-    pytest.param(name, marks=pytest.mark.xfail(reason='method side of the sync-free step not merged yet (issue 11)',
-                                               strict=False)) if name in METHOD_SIDE_PENDING else name
-    for name in DISTILLERS])
+@pytest.mark.parametrize('distill', list(DISTILLERS))
 def test_no_host_sync_in_a_fast_step_of_every_method(distill, cifar_folder, tmp_path):
     syncs = count_step_syncs(distill, cifar_folder, tmp_path)
     assert syncs.count == 0, syncs.summary()
