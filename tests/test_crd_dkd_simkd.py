@@ -421,6 +421,35 @@ def test_cli_crd_resume_continues_with_the_same_memory_and_z(tmp_path, data_dir,
     assert resumed == straight
 
 
+def test_cli_crd_epoch_never_contrasts_an_anchor_with_its_own_class(tmp_path, data_dir, teacher_ckpt, monkeypatch):
+    """The real training path (CLI, loader, Distiller, CRDLoss): every row of memory indices the ContrastMemory
+    scores has the anchor itself first (mode 'exact') and K distinct negatives of other classes, and an epoch
+    visits every training sample once. Labels are read back from the data file, independently of the loader."""
+    from tests.fixtures_data import read_cifar100_split
+
+    labels = torch.tensor(read_cifar100_split(data_dir, train=True)[1])
+    seen = []
+    real_forward = ContrastMemory.forward
+
+    def spy(self, v1, v2, y, idx=None):
+        used = self.sample_indices(y) if idx is None else idx        # whatever the memory would score
+        seen.append((y.clone(), used.clone(), idx is None))
+        return real_forward(self, v1, v2, y, used)
+
+    monkeypatch.setattr(ContrastMemory, 'forward', spy)
+    run_student(data_dir, tmp_path, teacher_ckpt, '--distill', 'crd', '--nce_k', '16')
+    assert len(seen) == 7                                              # 200 images, batch 32
+    assert not any(fallback for _, _, fallback in seen)               # the loader's negatives, not uniform draws
+    anchors = torch.cat([y for y, _, _ in seen])
+    rows = torch.cat([idx for _, idx, _ in seen])
+    assert sorted(anchors.tolist()) == list(range(len(labels)))
+    assert rows.shape == (len(labels), 17)
+    assert torch.equal(rows[:, 0], anchors)
+    negatives = rows[:, 1:]
+    assert (labels[negatives] != labels[anchors][:, None]).all()
+    assert all(len(set(row)) == 16 for row in negatives.tolist())   # drawn without replacement from the pool
+
+
 def test_cli_simkd_saves_a_standalone_student(tmp_path, data_dir, teacher_ckpt):
     run_dir, record, summary = run_student(data_dir, tmp_path, teacher_ckpt, '--distill', 'simkd')
     assert run_dir.name == 'S:resnet8_T:resnet14_cifar100_simkd_r:0.0_a:0.0_b:1.0_1'

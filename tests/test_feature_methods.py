@@ -421,6 +421,77 @@ def test_feature_indices_follow_repdistiller():
             assert all(torch.equal(a, b) for a, b in zip(got, select(feats))), method
 
 
+@pytest.fixture
+def one_thread():
+    """Small convolutions run several times faster on one intra-op thread when the CPUs are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _recorder(module):
+    """The positional arguments of every call of ``module`` (a forward pre-hook)."""
+    calls = []
+    module.register_forward_pre_hook(lambda mod, args: calls.append(args))
+    return calls
+
+
+def _same(got, want):
+    got = list(got) if isinstance(got, (list, tuple)) else [got]
+    return len(got) == len(want) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want))
+
+
+@torch.no_grad()
+def test_feature_indices_of_vid_cc_ft_fsp_and_ab_follow_repdistiller(one_thread):
+    """VID: each VIDLoss i sees (feat_s[1+i], feat_t[1+i]); CC: the embeddings see feat[-1]; FT: the translator
+    sees feat_s[-2] and the paraphraser feat_t[-2]; FSP's init loss feat[:-1] (feat[0] included); AB's init loss
+    the pre-activation feat[1:-1] of both networks (section 3.3/3.4 of the fact sheet)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+
+    def features(d, preact=False):
+        return d.student(x, is_feat=True, preact=preact)[0], d.teacher(x, is_feat=True, preact=preact)[0]
+
+    d = build('vid', 'resnet14', 'resnet8').eval()
+    calls = [_recorder(vid) for vid in d.vid]
+    d.forward_train(x, y)
+    feat_s, feat_t = features(d)
+    assert len(calls) == 3
+    for i, (args,) in enumerate(calls):
+        assert _same(args, [feat_s[1 + i], feat_t[1 + i]]), f'vid[{i}]'
+
+    d = build('correlation', 'resnet14', 'resnet8').eval()
+    seen_s, seen_t = _recorder(d.embed_s), _recorder(d.embed_t)
+    d.forward_train(x, y)
+    feat_s, feat_t = features(d)
+    assert _same(seen_s[0], [feat_s[-1]]) and _same(seen_t[0], [feat_t[-1]]) and len(seen_s) == len(seen_t) == 1
+
+    d = build('factor', 'resnet14', 'resnet8').eval()
+    seen_s, seen_t = _recorder(d.translator), _recorder(d.paraphraser)
+    d.forward_train(x, y)
+    feat_s, feat_t = features(d)
+    assert _same(seen_s[0], [feat_s[-2]]) and _same(seen_t[0], [feat_t[-2]]) and len(seen_s) == len(seen_t) == 1
+
+    d = build('fsp', 'resnet14', 'resnet8').eval()
+    seen = _recorder(d.criterion)
+    d.init_loss(x)
+    feat_s, feat_t = features(d)
+    ((got_s, got_t),) = seen
+    assert _same(got_s, feat_s[:-1]) and _same(got_t, feat_t[:-1]) and len(got_s) == 4
+
+    d = build('abound', 'resnet14', 'resnet8').eval()
+    seen_connector, seen = _recorder(d.connector), _recorder(d.criterion)
+    d.init_loss(x)
+    pre_s, pre_t = features(d, preact=True)
+    post_s, post_t = features(d, preact=False)
+    assert not any(torch.equal(a, b) for a, b in zip(pre_s[1:-1], post_s[1:-1]))   # the flavours differ here
+    ((connected,),) = seen_connector
+    assert _same(connected, pre_s[1:-1])
+    ((got_s, got_t),) = seen
+    assert _same(got_s, pre_s[1:-1]) and _same(got_t, pre_t[1:-1])       # identity connectors for equal shapes
+
+
 def _method_grad_pair(method):
     # AB's connector has parameters only when the channel counts differ
     return ('wrn_16_2', 'wrn_16_1') if method == 'abound' else ('resnet14', 'resnet8')
@@ -466,9 +537,9 @@ def test_gradients_reach_student_and_trainable_modules_but_not_teacher_or_frozen
         assert all(p.grad is None for p in frozen.parameters())
 
 
-# (SGD lr, bound on last/first loss); VID's loss holds the constant-ish 0.5 log(var) term, so it moves slowly
+# (SGD lr, bound on last/first loss); VID has its own test below
 LOSS_DECREASE = {'hint': (0.05, 0.7), 'attention': (0.05, 0.5), 'similarity': (0.01, 0.2), 'correlation': (0.01, 0.2),
-                 'vid': (1.0, 0.985), 'rkd': (0.01, 0.3), 'pkt': (0.05, 0.3), 'factor': (0.01, 0.7), 'nst': (0.1, 0.8),
+                 'rkd': (0.01, 0.3), 'pkt': (0.05, 0.3), 'factor': (0.01, 0.7), 'nst': (0.1, 0.8),
                  'kdsvd': (0.3, 0.7)}
 
 
@@ -488,6 +559,39 @@ def test_method_loss_decreases_over_sgd_steps_on_a_fixed_batch(method):
         optimizer.step()
         history.append(losses[method].item())
     assert history[-1] < bound * history[0], history
+
+
+def test_vid_fits_both_the_mean_and_the_variance_over_sgd_steps_on_a_fixed_batch(one_thread):
+    """VID's loss is mostly 0.5 log(var) at the start (var = 5 on 3 layers: 2.41 of 2.81), so a falling total alone
+    says little. Over 20 steps the total must fall by 10%, the regressors' squared error by half, and the
+    predicted variances must move down from 5 towards that error (log_scale learned).
+    Measured (torch 2.x, CPU): total 2.81 -> 2.44, squared error 1.31 -> 0.45, mean variance 5.0 -> 4.62."""
+    d = build('vid', 'resnet14', 'resnet8', beta=1.0, gamma=0.0)
+    optimizer = torch.optim.SGD(d.trainable_parameters(), lr=1.0, momentum=0.9)
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    seen = {}
+    for i, vid in enumerate(d.vid):
+        vid.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(('target', i), args[1]))
+        vid.regressor.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(('mean', i), out))
+
+    def variance():
+        return sum((F.softplus(vid.log_scale) + vid.eps).mean().item() for vid in d.vid) / len(d.vid)
+
+    d.train()
+    totals, errors = [], []
+    assert variance() == pytest.approx(5.0, abs=1e-4)
+    for _ in range(20):
+        _, losses = d.forward_train(x, y)
+        optimizer.zero_grad()
+        losses['vid'].backward()
+        optimizer.step()
+        totals.append(losses['vid'].item())
+        errors.append(sum((seen['mean', i] - seen['target', i]).pow(2).mean().item() for i in range(3)) / 3)
+    assert totals[-1] < 0.9 * totals[0], totals
+    assert errors[-1] < 0.5 * errors[0], errors
+    assert variance() < 4.8
+    assert all(((F.softplus(vid.log_scale) + vid.eps) < 5.0).float().mean() > 0.9 for vid in d.vid)
 
 
 # ----------------------------------------------------------------------------------------- init stage

@@ -1,20 +1,28 @@
 """letKD/QUEST offline quantizers (helper/letkd_offline.py): the sub-class score matrix by its counting
 definition, reproducible files, the cache and its refusals, and letkd1 / letkd2 / quest end to end
 through train_student.cli on generated CIFAR-format data."""
+import hashlib
 import json
 import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 import train_student
-from distiller_zoo import load_deployed
+import distiller_zoo.letkd as letkd_module
+from distiller_zoo import build_distiller, load_deployed
 from distiller_zoo.letkd import LetKDStudent
 from helper import letkd_offline
 from helper.letkd_offline import build_subclasses, subclass_prototypes, subclass_score_matrix
 from helper.util import count_params, load_checkpoint
 from models import create_model
+from tests.fixtures_data import read_cifar100_split
+from tests.options import data_info, student_options
 
 FAST = ['--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--print_freq', '1000']
 SMALL_K = ['--k_penult', '16', '--k_inter', '2']
@@ -50,6 +58,24 @@ def test_prototypes_are_sub_class_means_and_an_empty_one_keeps_its_centroid():
     assert counts.tolist() == [2, 0, 1]
 
 
+def lda_transform(features, labels):
+    """sklearn's own LDA projection (solver 'svd', all components), independent of build_subclasses' tensors."""
+    return LinearDiscriminantAnalysis(solver='svd').fit(features, labels).transform(features).astype(np.float64)
+
+
+def module_projection(features, tensors):
+    return (features.astype(np.float64) - tensors['xbar'].numpy()) @ tensors['scalings'].numpy()
+
+
+def assert_same_up_to_column_signs(got, expected):
+    """got == expected * s with one sign s per column; returns s."""
+    assert got.shape == expected.shape
+    signs = np.sign(np.sum(got * expected, 0))
+    assert np.all(signs != 0)
+    np.testing.assert_allclose(got, expected * signs, rtol=1e-4, atol=1e-4)
+    return signs
+
+
 def test_build_subclasses_matches_an_independent_recomputation():
     rng = np.random.default_rng(0)
     num_classes, k_inter = 3, 2
@@ -58,7 +84,12 @@ def test_build_subclasses_matches_an_independent_recomputation():
     tensors, extra = build_subclasses(features, labels, num_classes, k_inter, lda_dim=60, seed=0,
                                       device=torch.device('cpu'))
     assert extra == {'n_comp': 2, 'lda_rank': 2}             # rank = classes - 1 < lda_dim
-    z = (features.astype(np.float64) - tensors['xbar'].numpy()) @ tensors['scalings'].numpy()
+    # the projection is sklearn's LinearDiscriminantAnalysis(solver='svd').transform, up to a sign per column
+    z = lda_transform(features, labels)
+    assert z.shape == (180, 2)
+    signs = assert_same_up_to_column_signs(module_projection(features, tensors), z)
+    z = z * signs
+    # the centroids are k-means output (checked on separable data below); given them, the rest by definition
     centroids = tensors['centroids'].numpy()
     sub = np.array([k_inter * y + np.argmin([np.sum((z[n] - centroids[k_inter * y + j]) ** 2) for j in range(k_inter)])
                     for n, y in enumerate(labels)])
@@ -72,6 +103,49 @@ def test_build_subclasses_matches_an_independent_recomputation():
     np.testing.assert_allclose(tensors['scores'].numpy(), expected, atol=1e-6)
     np.testing.assert_allclose(tensors['scores'].sum(1).numpy(), np.ones(6), atol=1e-6)
     assert tensors['counts'].tolist() == np.bincount(sub, minlength=6).tolist()
+    # --lda_dim below the rank keeps sklearn's leading components
+    tensors, extra = build_subclasses(features, labels, num_classes, k_inter, lda_dim=1, seed=0,
+                                      device=torch.device('cpu'))
+    assert extra == {'n_comp': 1, 'lda_rank': 2} and tuple(tensors['centroids'].shape) == (6, 1)
+    assert_same_up_to_column_signs(module_projection(features, tensors), lda_transform(features, labels)[:, :1])
+
+
+def test_build_subclasses_finds_well_separated_sub_clusters():
+    """4 classes in 3-d (LDA keeps all 3 components), each made of 2 tight sub-clusters of unequal sizes, 6
+    apart along a class-specific axis: every centroid is the mean of its sub-cluster's projected points, in its
+    own class's block of rows; the counts are the sub-cluster sizes and s_T is the identity."""
+    rng = np.random.default_rng(1)
+    num_classes, k_inter = 4, 2
+    class_means = 20.0 * np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    sizes = [(30, 18), (25, 35), (40, 22), (20, 28)]
+    features, labels, truth = [], [], []
+    for c in range(num_classes):
+        for j in range(k_inter):
+            offset = np.zeros(3)
+            offset[c % 3] = 3.0 if j == 0 else -3.0
+            features.append(class_means[c] + offset + 0.1 * rng.normal(size=(sizes[c][j], 3)))
+            labels += [c] * sizes[c][j]
+            truth += [k_inter * c + j] * sizes[c][j]
+    order = rng.permutation(len(labels))
+    features = np.concatenate(features).astype(np.float32)[order]
+    labels, truth = np.array(labels)[order], np.array(truth)[order]
+    tensors, extra = build_subclasses(features, labels, num_classes, k_inter, lda_dim=60, seed=0,
+                                      device=torch.device('cpu'))
+    assert extra == {'n_comp': 3, 'lda_rank': 3}
+    z = lda_transform(features, labels)
+    z = z * assert_same_up_to_column_signs(module_projection(features, tensors), z)
+    centroids, counts, protos = (tensors[k].numpy() for k in ('centroids', 'counts', 'prototypes'))
+    for c in range(num_classes):
+        block = range(k_inter * c, k_inter * (c + 1))
+        means = {s: z[truth == s].mean(0) for s in block}
+        # k-means numbers the sub-clusters of a class in any order: match each true sub-cluster to its centroid
+        match = {s: min(block, key=lambda k: np.sum((centroids[k] - means[s]) ** 2)) for s in block}
+        assert sorted(match.values()) == list(block)
+        for s, k in match.items():
+            np.testing.assert_allclose(centroids[k], means[s], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(protos[k], means[s], rtol=1e-4, atol=1e-4)
+            assert counts[k] == np.sum(truth == s)
+    np.testing.assert_allclose(tensors['scores'].numpy(), np.eye(8), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- files and cache
@@ -88,7 +162,8 @@ def test_offline_cli_is_reproducible_and_samples_positions(tmp_path, data_dir, t
     assert penult['meta']['layer'] == 'penult' and inter['meta']['layer'] == 'inter'
     assert penult['tensors']['centroids'].shape == (16, 64) and penult['tensors']['counts'].sum() == 6000
     assert penult['meta']['n_positions'] == 6000 and penult['meta']['pool_size'] == [8, 8]
-    assert penult['meta']['teacher_sha256'] == letkd_offline.file_sha256(teacher_ckpt)
+    assert penult['meta']['teacher_sha256'] == hashlib.sha256(Path(teacher_ckpt).read_bytes()).hexdigest()
+    assert inter['meta']['teacher_sha256'] == penult['meta']['teacher_sha256']
     assert inter['tensors']['scores'].shape == (200, 200) and inter['meta']['n_comp'] == 60
     torch.testing.assert_close(inter['tensors']['scores'].sum(1), torch.ones(200))
 
@@ -116,6 +191,96 @@ def test_too_many_clusters_is_a_user_error(tmp_path, data_dir, teacher_ckpt, cap
     assert letkd_offline.cli(args) == 2
     assert 'fewer than --k_inter 200' in capsys.readouterr().err
     assert not list(tmp_path.rglob('*.pth'))
+
+
+# ---------------------------------------------------------------------------------------------- features and images
+
+class PositionCode(nn.Module):
+    """Stands at resnet8's KD places ('layer3.0' inside 'layer3'): from constant images it makes 8x8 maps whose row
+    at (i, j) is (the image's pixel value, i, j)."""
+
+    def forward(self, x):
+        b = x.shape[0]
+        grid = torch.arange(8.0)
+        return torch.stack([x[:, 0, :8, :8], grid.view(1, 8, 1).expand(b, 8, 8), grid.view(1, 1, 8).expand(b, 8, 8)], 1)
+
+
+class CodedTeacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer3 = nn.Sequential(PositionCode())
+
+    def forward(self, x):
+        return self.layer3(x)
+
+
+def test_sampled_positions_keep_the_label_of_their_image():
+    """11 constant images (pixel value = image index) in batches of 3, labels shuffled; 8x8 'inter' rows and
+    4x4-pooled 'penult' rows, --max_positions 100 of 704 / 176: each kept row comes from a distinct position,
+    in image, row, column order, and carries the label of the image it came from."""
+    n_images = 11
+    labels = torch.from_numpy(np.random.default_rng(0).permutation(n_images) % 4)
+    images = torch.arange(n_images, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 32, 32).contiguous()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels, torch.arange(n_images)),
+                                         batch_size=3, shuffle=False)
+    for max_positions, expected_rows in ((100, {'inter': 100, 'penult': 100}), (10 ** 6, {'inter': 704, 'penult': 176})):
+        out = letkd_offline.collect_features(CodedTeacher(), 'resnet8', ('inter', 'penult'),
+                                             {'inter': (8, 8), 'penult': (4, 4)}, loader, n_images,
+                                             max_positions=max_positions, seed=0, device=torch.device('cpu'))
+        for role, (features, row_labels) in out.items():
+            assert features.shape == (expected_rows[role], 3) and row_labels.shape == (expected_rows[role],)
+            image = np.rint(features[:, 0]).astype(int)
+            np.testing.assert_array_equal(features[:, 0], image)
+            np.testing.assert_array_equal(row_labels, labels.numpy()[image])
+            positions = [tuple(row) for row in np.column_stack([image, features[:, 1:]]).tolist()]
+            assert positions == sorted(set(positions))           # distinct, in image, row, column order
+            if role == 'penult':                                 # 2x2 windows of the 8x8 map
+                assert set(features[:, 1].tolist()) <= {0.5, 2.5, 4.5, 6.5}
+            if max_positions == 100:
+                assert len(set(image.tolist())) >= 8             # a sample over the whole data set
+        # the two roles draw their own samples
+        if max_positions == 100:
+            assert not np.array_equal(out['inter'][0][:, 1:], out['penult'][0][:, 1:])
+
+
+def test_offline_step_reads_the_training_images_unaugmented_and_in_order(tmp_path, data_dir, teacher_ckpt,
+                                                                        monkeypatch):
+    """The features come from the train split with the test transform (ToTensor + RepDistiller's normalisation,
+    no crop or flip), in file order; both the CLI and Distiller.prepare use ``train_eval_loader``."""
+    seen = {}
+    original = letkd_offline.collect_features
+
+    def spy(teacher, arch, roles, pool_sizes, loader, n_images, **kw):
+        seen['loader'] = loader
+        seen['batches'] = [(batch[0].clone(), batch[1].clone()) for batch in loader]
+        return original(teacher, arch, roles, pool_sizes, seen['batches'], n_images, **kw)
+
+    monkeypatch.setattr(letkd_offline, 'collect_features', spy)
+    args = offline_args(data_dir, teacher_ckpt, tmp_path, '--layers', 'penult', '--max_positions', '2000',
+                        '--batch_size', '64')
+    assert letkd_offline.cli(args) == 0
+    images = torch.cat([b[0] for b in seen['batches']])
+    pixels, fine = read_cifar100_split(data_dir, train=True)
+    mean, std = torch.tensor([0.5071, 0.4867, 0.4408]), torch.tensor([0.2675, 0.2565, 0.2761])
+    expected = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+    assert torch.cat([b[1] for b in seen['batches']]).tolist() == fine
+    again = [batch[0] for batch in seen['loader']]            # a second pass gives the same images
+    assert torch.equal(torch.cat(again), images)
+
+    # Distiller.prepare hands the offline step the bundle's train_eval_loader (not the augmented train_loader)
+    calls = []
+
+    def fake_ensure(teacher, **kw):
+        calls.append(kw['loader'])
+        return {'penult': {'centroids': torch.zeros(16, 64)}}
+
+    monkeypatch.setattr(letkd_module, 'ensure_quantizers', fake_ensure)
+    o = student_options('letkd1', model_s='resnet8', model_t='resnet8', k_penult=16, path_t=str(teacher_ckpt))
+    d = build_distiller('letkd1', create_model('resnet8', 100), create_model('resnet8', 100), o, data_info())
+    data = SimpleNamespace(train_loader=object(), val_loader=object(), train_eval_loader=object())
+    d.prepare(data, device=torch.device('cpu'), cache_dir=str(tmp_path / 'cache'))
+    assert calls == [data.train_eval_loader] and d.quantizers['penult'].loaded
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import io
+import json
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -24,13 +26,20 @@ WRN_1_FEATS = [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8), (64,)]
 WRN_2_FEATS = [(16, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8), (128,)]
 VGG_FEATS = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4), (512,)]
 
-# name: (parameters at num_classes=100, state-dict key count or None, feature shapes at 32x32)
-EXPECTED: dict[str, tuple[int, int | None, list[tuple[int, ...]]]] = {
+# name: (parameters at num_classes=100, state-dict key count, feature shapes at 32x32)
+# Key counts not printed in the fact sheet, derived from its layer plans (5.3-5.6) with BN = 5 keys
+# (weight, bias, running_mean, running_var, num_batches_tracked):
+#   CIFAR ResNet, n = (depth - 2) / 6 blocks per stage: conv1 + bn1 (6) + 3n blocks x (2 convs + 2 BNs = 12)
+#     + 2 downsamples x 6 + fc (2): resnet14 (n=2) 6 + 72 + 12 + 2 = 92, resnet44 (n=7) 6 + 252 + 12 + 2 = 272.
+#   WRN, n = (depth - 4) / 6: conv1 (1) + 3n blocks x 12 + convShortcuts (2 for width 1) + bn1 (5) + fc (2):
+#     wrn_40_1 (n=6) 1 + 216 + 2 + 5 + 2 = 226.
+#   VGG-BN: 7 keys per conv (weight, bias, BN) + classifier (2): vgg11 8 convs 58, vgg16 13 convs 93, vgg19 16 convs 114.
+EXPECTED: dict[str, tuple[int, int, list[tuple[int, ...]]]] = {
     'resnet8': (83_892, 56, RESNET_FEATS),
-    'resnet14': (181_108, None, RESNET_FEATS),
+    'resnet14': (181_108, 92, RESNET_FEATS),
     'resnet20': (278_324, 128, RESNET_FEATS),
     'resnet32': (472_756, 200, RESNET_FEATS),
-    'resnet44': (667_188, None, RESNET_FEATS),
+    'resnet44': (667_188, 272, RESNET_FEATS),
     'resnet56': (861_620, 344, RESNET_FEATS),
     'resnet110': (1_736_564, 668, RESNET_FEATS),
     'resnet8x4': (1_233_540, 62, RESNET_X4_FEATS),
@@ -39,13 +48,13 @@ EXPECTED: dict[str, tuple[int, int | None, list[tuple[int, ...]]]] = {
                                    (2048, 4, 4), (2048,)]),
     'wrn_16_1': (180_916, 82, WRN_1_FEATS),
     'wrn_16_2': (703_284, 83, WRN_2_FEATS),
-    'wrn_40_1': (569_780, None, WRN_1_FEATS),
+    'wrn_40_1': (569_780, 226, WRN_1_FEATS),
     'wrn_40_2': (2_255_156, 227, WRN_2_FEATS),
     'vgg8': (3_965_028, 37, VGG_FEATS),
-    'vgg11': (9_277_284, None, VGG_FEATS),
+    'vgg11': (9_277_284, 58, VGG_FEATS),
     'vgg13': (9_462_180, 72, VGG_FEATS),
-    'vgg16': (14_774_436, None, VGG_FEATS),
-    'vgg19': (20_086_692, None, VGG_FEATS),
+    'vgg16': (14_774_436, 93, VGG_FEATS),
+    'vgg19': (20_086_692, 114, VGG_FEATS),
     'MobileNetV2': (812_836, 320, [(16, 16, 16), (12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2), (1280,)]),
     'ShuffleV1': (949_258, 296, [(24, 32, 32), (240, 16, 16), (480, 8, 8), (960, 4, 4), (960,)]),
     'ShuffleV2': (1_355_528, 338, [(24, 32, 32), (116, 16, 16), (232, 8, 8), (464, 4, 4), (1024,)]),
@@ -146,9 +155,35 @@ def test_parameter_count(name: str) -> None:
     assert sum(p.numel() for p in built(name).parameters()) == EXPECTED[name][0]
 
 
-@pytest.mark.parametrize('name', [n for n in NAMES if EXPECTED[n][1] is not None])
+@pytest.mark.parametrize('name', NAMES)
 def test_state_dict_key_count(name: str) -> None:
     assert len(built(name).state_dict()) == EXPECTED[name][1]
+
+
+GOLDEN_KEYS = Path(__file__).parent / 'golden' / 'state_dict_keys.json'
+
+
+@functools.cache
+def golden_keys() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """RepDistiller's sorted (key, shape) lists at num_classes=100, committed once (see the file's _about)."""
+    data = json.loads(GOLDEN_KEYS.read_text())
+    assert data['num_classes'] == 100
+    return {name: [(key, tuple(shape)) for key, shape in entries] for name, entries in data['models'].items()}
+
+
+def test_golden_key_lists_cover_the_zoo() -> None:
+    assert set(golden_keys()) == set(model_dict)
+    assert {name: len(entries) for name, entries in golden_keys().items()} == {n: EXPECTED[n][1] for n in NAMES}
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_state_dict_keys_and_shapes_match_the_golden_list(name: str) -> None:
+    """Every key and shape a RepDistiller checkpoint of this model holds, and nothing else (strict loading)."""
+    got = sorted((key, tuple(value.shape)) for key, value in built(name).state_dict().items())
+    want = golden_keys()[name]
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    assert not missing and not unexpected, f'missing {missing[:5]}, unexpected {unexpected[:5]}'
+    assert got == want
 
 
 TOP_LEVEL = {
@@ -399,24 +434,41 @@ def _std(t: torch.Tensor) -> float:
     return t.float().std().item()
 
 
+def _assert_fan_out_normal(conv: nn.Conv2d) -> None:
+    """std of the weights is sqrt(2 / fan_out), fan_out = k*k*out (kaiming fan_out / RepDistiller's normal),
+    and measurably not sqrt(2 / fan_in): the convs checked here have in != out channels."""
+    out_ch, in_ch, kh, kw = conv.weight.shape
+    fan_out, fan_in = kh * kw * out_ch, kh * kw * in_ch
+    assert fan_in != fan_out
+    std = _std(conv.weight)
+    assert abs(conv.weight.float().mean().item()) < 0.05 * std
+    assert std == pytest.approx((2 / fan_out) ** 0.5, rel=0.03)
+    # the two candidates differ by a factor sqrt(out / in) (sqrt(2) or more here), far beyond sampling noise
+    assert std != pytest.approx((2 / fan_in) ** 0.5, rel=0.2)
+
+
 def test_initialisation() -> None:
-    # ResNet: kaiming fan_out on convs (std sqrt(2 / (9 * out))), BN 1/0.
+    # ResNet: kaiming fan_out on convs (std sqrt(2 / (9 * out))), BN 1/0; layer2[0].conv1 is 64 -> 128.
     resnet = built('resnet32x4')
-    assert _std(resnet.layer3[0].conv2.weight) == pytest.approx((2 / (9 * 256)) ** 0.5, rel=0.05)
+    assert resnet.layer2[0].conv1.weight.shape == (128, 64, 3, 3)
+    _assert_fan_out_normal(resnet.layer2[0].conv1)
+    _assert_fan_out_normal(built('ResNet50').layer4[0].conv1)          # 1x1, 1024 -> 512 (fan_in > fan_out)
     assert torch.equal(resnet.layer2[0].bn1.weight, torch.ones(128))
     assert torch.equal(resnet.layer2[0].bn1.bias, torch.zeros(128))
-    # WRN: conv normal(0, sqrt(2 / (k*k*out))), Linear bias zeroed.
+    # WRN: conv normal(0, sqrt(2 / (k*k*out))), Linear bias zeroed; block3.layer[0].conv1 is 64 -> 128.
     wrn = built('wrn_40_2')
-    assert _std(wrn.block3.layer[1].conv1.weight) == pytest.approx((2 / (9 * 128)) ** 0.5, rel=0.05)
+    _assert_fan_out_normal(wrn.block3.layer[0].conv1)
     assert torch.equal(wrn.fc.bias, torch.zeros(100))
-    # VGG and MobileNetV2: Linear normal(0, 0.01) with zero bias; VGG conv bias zero.
+    # VGG and MobileNetV2: conv normal(0, sqrt(2 / (k*k*out))); Linear normal(0, 0.01) with zero bias;
+    # VGG conv bias zero.
     vgg = built('vgg13')
+    _assert_fan_out_normal(vgg.block2[0])                               # 128 -> 256
     assert _std(vgg.classifier.weight) == pytest.approx(0.01, rel=0.05)
     assert torch.equal(vgg.classifier.bias, torch.zeros(100))
     assert torch.equal(vgg.block2[0].bias, torch.zeros(256))
     mobile = built('MobileNetV2')
     assert _std(mobile.classifier[0].weight) == pytest.approx(0.01, rel=0.05)
-    assert _std(mobile.conv2[0].weight) == pytest.approx((2 / 1280) ** 0.5, rel=0.05)
+    _assert_fan_out_normal(mobile.conv2[0])                             # 1x1, 160 -> 1280
     # ShuffleNets keep PyTorch's defaults (Linear bias uniform, not zero).
     assert built('ShuffleV1').linear.bias.abs().sum() > 0
     assert built('ShuffleV2').linear.bias.abs().sum() > 0

@@ -30,24 +30,37 @@ def dry_run_lines(script, *flags):
     return [line for line in out.splitlines() if line and not line.startswith('#')]
 
 
-@pytest.mark.parametrize('script, expected', [
-    ('run_cifar_vanilla.sh', 15),          # 6 teachers + 9 students, 1 trial
-    ('run_cifar_distill.sh', None),
-    ('run_tinyimagenet.sh', None),
+# Line counts of the sweeps at their default trials (5 on CIFAR-100, 3 on Tiny-ImageNet; vanilla: 1):
+# - run_cifar_vanilla.sh: 6 teachers + 9 students from scratch, 1 trial = 15.
+# - run_cifar_distill.sh: (16 Table-1 methods + 6 other RepDistiller criteria) x 10 pairs = 220 cells, minus the
+#   pairs FSP and KDSVD cannot run (unequal channels: wrn_40_2->wrn_40_1, wrn_40_2->ShuffleV1,
+#   resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, ResNet50->MobileNetV2; 5 each) = 210 per trial, x 5 = 1,050.
+# - run_tinyimagenet.sh: 3 teachers (1 trial) + 5 students from scratch x 3 + 14 Table-3 methods x 5 pairs x 3
+#   (every method runs on every Table-3 pair) = 3 + 15 + 210 = 228 (the '# barrier' line is not a command).
+@pytest.mark.parametrize('script, flags, expected, dataset', [
+    ('run_cifar_vanilla.sh', [], 6 + 9, 'cifar100'),
+    ('run_cifar_distill.sh', [], (22 * 10 - 2 * 5) * 5, 'cifar100'),
+    ('run_tinyimagenet.sh', [], 3 + 5 * 3 + 14 * 5 * 3, 'tinyimagenet'),
 ])
-def test_every_dry_run_line_parses_with_the_cli_parsers(script, expected):
-    lines = dry_run_lines(script, '--trials', '1')
-    assert lines, script
-    if expected is not None:
-        assert len(lines) == expected
+def test_every_dry_run_line_parses_with_the_cli_parsers(script, flags, expected, dataset):
+    lines = dry_run_lines(script, *flags)
+    assert len(lines) == expected, f'{script}: {len(lines)} command lines, expected {expected}'
+    counts = {'train_teacher.py': 0, 'train_student.py': 0}
     for line in lines:
         argv = shlex.split(line)
         assert argv[0] == 'python'
+        counts[argv[1]] += 1
         cli = train_student if argv[1] == 'train_student.py' else train_teacher
         opt = cli.get_args_parser().parse_args(argv[2:])      # argparse exits on an unknown flag
+        assert opt.dataset == dataset, line
+        if dataset == 'tinyimagenet':
+            assert opt.tiny_split == 'letkd', line          # Table 3's protocol on every run, teachers included
         if cli is train_student:
             canonical_name(opt.distill)                        # raises on an unknown method
         cli.resolve_run_dir(opt)
+    assert counts == {'run_cifar_vanilla.sh': {'train_teacher.py': 15, 'train_student.py': 0},
+                      'run_cifar_distill.sh': {'train_teacher.py': 0, 'train_student.py': 1050},
+                      'run_tinyimagenet.sh': {'train_teacher.py': 18, 'train_student.py': 210}}[script]
 
 
 def test_distill_sweep_covers_every_method_and_pair_with_published_settings():
@@ -123,7 +136,33 @@ def cifar(tmp_path_factory):
     return str(root)
 
 
+def metrics_without_time(run_dir):
+    """metrics.jsonl's records without the wall-clock field."""
+    return [{k: v for k, v in json.loads(line).items() if k != 'time'}
+            for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def assert_same_state(resumed, uninterrupted, path='last.pth'):
+    """Every tensor of ``resumed`` equals (bit for bit) the one at the same place in ``uninterrupted``; other
+    values are equal too. The path of the first difference is in the message."""
+    import torch
+    if isinstance(uninterrupted, dict):
+        assert isinstance(resumed, dict) and resumed.keys() == uninterrupted.keys(), path
+        for key in uninterrupted:
+            assert_same_state(resumed[key], uninterrupted[key], f'{path}[{key!r}]')
+    elif isinstance(uninterrupted, (list, tuple)):
+        assert type(resumed) is type(uninterrupted) and len(resumed) == len(uninterrupted), path
+        for i, (a, b) in enumerate(zip(resumed, uninterrupted)):
+            assert_same_state(a, b, f'{path}[{i}]')
+    elif isinstance(uninterrupted, torch.Tensor):
+        assert isinstance(resumed, torch.Tensor) and resumed.dtype == uninterrupted.dtype, path
+        assert torch.equal(resumed, uninterrupted), f'{path} differs between the resumed and the uninterrupted run'
+    else:
+        assert resumed == uninterrupted, f'{path}: {resumed!r} != {uninterrupted!r}'
+
+
 def test_launcher_runs_skips_and_resumes(tmp_path, cifar, monkeypatch):
+    import torch
     save = tmp_path / 'save'
     common = f'--data_folder {cifar} --save_dir {save} --num_workers 0 --batch_size 50 --device cpu'
     teacher = f'python train_teacher.py --model resnet8 --epochs 1 {common}'
@@ -132,15 +171,15 @@ def test_launcher_runs_skips_and_resumes(tmp_path, cifar, monkeypatch):
     commands = tmp_path / 'commands.txt'
     commands.write_text(f'{teacher}\n# barrier\n{student}\n')
 
-    # a student run killed during its 2nd epoch, to be resumed by the launcher
+    # the uninterrupted run: teacher, then the student's 2 epochs (2 steps each: 100 images, batch 50)
     assert launch.main([str(commands), '--gpus', '', '--poll', '0.1']) == 0
     student_dir = launch.run_dir_of(shlex.split(student))
     summary = json.loads((student_dir / 'summary.json').read_text())
     (student_dir / 'summary.json').unlink()
-    metrics = (student_dir / 'metrics.jsonl').read_text().splitlines()
-    import torch
+    metrics = metrics_without_time(student_dir)
     last = torch.load(student_dir / 'last.pth', weights_only=True)
-    assert last['epoch'] == 2
+    assert last['epoch'] == 2 and [m['epoch'] for m in metrics] == [1, 2]
+    assert last['optimizer']['state'], 'SGD momentum buffers are part of what a resume must restore'
 
     plan = {job.action for job in (launch.plan(shlex.split(teacher)), launch.plan(shlex.split(student)))}
     assert plan == {'skip', 'resume'}
@@ -158,24 +197,82 @@ def test_launcher_runs_skips_and_resumes(tmp_path, cifar, monkeypatch):
         train_student.cli(shlex.split(student)[2:] + ['--overwrite'])
     monkeypatch.setattr(run_module, 'train_one_epoch', real)
     assert not (student_dir / 'summary.json').exists()
+    assert torch.load(student_dir / 'last.pth', weights_only=True)['epoch'] == 1
+    assert [m['epoch'] for m in metrics_without_time(student_dir)] == [1]
 
     log = tmp_path / 'logs'
     assert launch.main([str(commands), '--gpus', '', '--poll', '0.1', '--log_dir', str(log)]) == 0
-    resumed = json.loads((student_dir / 'summary.json').read_text())
-    assert resumed['epochs'] == 2
-    assert resumed['last_acc'] == summary['last_acc']              # same as the uninterrupted run
-    assert len((student_dir / 'metrics.jsonl').read_text().splitlines()) == len(metrics) == 2
     assert '--resume' in (log / f'{student_dir.name}.log').read_text()
     assert not (log / f'{launch.run_dir_of(shlex.split(teacher)).name}.log').exists()   # finished: skipped
+    resumed = json.loads((student_dir / 'summary.json').read_text())
+    assert resumed['epochs'] == 2
+    # the resumed run is the uninterrupted one: every logged number of both epochs (losses, accuracies, lr)
+    # and every tensor of last.pth (weights, BN statistics, SGD momentum, RNG states) are equal
+    assert metrics_without_time(student_dir) == metrics
+    resumed_last = torch.load(student_dir / 'last.pth', weights_only=True)
+    assert resumed_last['epoch'] == 2
+    drop = ('wall_time_s',)
+    assert_same_state({k: v for k, v in resumed_last.items() if k not in drop},
+                      {k: v for k, v in last.items() if k not in drop})
+    assert {k: resumed[k] for k in ('last_acc', 'best_acc', 'best_epoch')} == \
+        {k: summary[k] for k in ('last_acc', 'best_acc', 'best_epoch')}
 
 
-def test_bench_kd_layer_reports_parameters_and_time_ratios(capsys):
+def test_bench_kd_layer_reports_parameters_and_time_ratios(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from distiller_zoo.letkd import KDLayer, LetKDStudent
+    from helper.util import count_params
+    from models import create_model
     from scripts import bench_kd_layer
-    assert bench_kd_layer.main(['--students', 'resnet20', '--k_penult', '16', '--k_inter', '2', '--batch_size', '2',
-                                '--repeats', '1', '--warmup', '0', '--device', 'cpu']) == 0
+
+    # A scripted clock: each forward of a model advances it by that model's next duration; round 0 is the warm-up
+    # (500 ms each, to be ignored), rounds 1-3 are timed. Medians (ms): 20, 25, 30, 23 and 46.
+    ms = {'plain': [500, 10, 30, 20], '1-16': [500, 25, 21, 26], '2-16': [500, 30, 31, 29],
+          '1-4096': [500, 24, 22, 23], '2-4096': [500, 46, 50, 40]}
+    now, forwards = [100.0], {key: 0 for key in ms}
+
+    def timed(model, key):
+        def advance(*_):
+            now[0] += ms[key][forwards[key]] / 1e3
+            forwards[key] += 1
+        model.register_forward_hook(advance)
+        return model
+
+    real_student, real_model = bench_kd_layer.letkd_student, bench_kd_layer.create_model
+
+    def student(name, num_classes, image_size, words):
+        with monkeypatch.context() as m:               # its backbone is not the plain model: no clock on it
+            m.setattr(bench_kd_layer, 'create_model', real_model)
+            model = real_student(name, num_classes, image_size, words)
+        return timed(model, f"{len(words)}-{words['penult']}")
+
+    monkeypatch.setattr(bench_kd_layer, 'create_model', lambda *a, **kw: timed(real_model(*a, **kw), 'plain'))
+    monkeypatch.setattr(bench_kd_layer, 'letkd_student', student)
+    monkeypatch.setattr(bench_kd_layer, 'time', SimpleNamespace(perf_counter=lambda: now[0]))
+    assert bench_kd_layer.main(['--students', 'resnet20', '--k_penult', '16', '4096', '--k_inter', '2',
+                                '--batch_size', '2', '--repeats', '3', '--warmup', '1', '--device', 'cpu']) == 0
+    assert forwards == {key: 4 for key in ms}                              # 1 warm-up + 3 timed rounds each
     out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith('| resnet20 | 16 |'))
-    cells = [c.strip() for c in row.strip('|').split('|')]
-    # letKD-1 adds predictor (16x64 + scale), BN(16) and value (64x16 + scale): 2,082 parameters
-    assert cells[2] == '0.278 M' and cells[3] == '+0.002 M'
-    assert all(float(c) > 0 for c in cells[5:])          # ms per batch and the three time ratios
+    rows = {}
+    for k in (16, 4096):
+        row = next(line for line in out.splitlines() if line.startswith(f'| resnet20 | {k} |'))
+        rows[k] = [c.strip() for c in row.strip('|').split('|')]
+
+    # parameters: the deployed students built here; resnet20's KD places (layer3.0 and layer3) have 64 channels.
+    # A KD layer with C channels and K words: predictor K x C + scale, BN 2K, value C x K + scale = 2KC + 2K + 2.
+    plain = count_params(create_model('resnet20', 100))
+    for k, (one_cell, two_cell) in {16: ('+0.002 M', '+0.028 M'), 4096: ('+0.532 M', '+0.558 M')}.items():
+        one = count_params(LetKDStudent(create_model('resnet20', 100), 'resnet20', {'penult': KDLayer(64, k)}))
+        two = count_params(LetKDStudent(create_model('resnet20', 100), 'resnet20',
+                                        {'inter': KDLayer(64, 100 * 2), 'penult': KDLayer(64, k)}))
+        assert one - plain == 2 * k * 64 + 2 * k + 2                        # 2,082 for K = 16
+        assert two - one == 2 * 200 * 64 + 2 * 200 + 2                     # the inter layer: 100 classes x 2 words
+        assert rows[k][2] == f'{plain / 1e6:.3f} M' == '0.278 M'
+        assert rows[k][3:5] == [f'+{(one - plain) / 1e6:.3f} M', f'+{(two - plain) / 1e6:.3f} M'] == [one_cell, two_cell]
+
+    # times: the plain median in ms, then letKD-1 / plain, letKD-2 / letKD-1, letKD-2 / plain of the medians
+    assert rows[16][5:] == ['20.0', '1.250', '1.200', '1.500']
+    assert rows[4096][5:] == ['20.0', '1.150', '2.000', '2.300']
+    for cells in rows.values():
+        assert float(cells[8]) == pytest.approx(float(cells[6]) * float(cells[7]), abs=2e-3)

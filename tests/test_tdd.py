@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -250,8 +251,12 @@ def test_decision_loss_equals_the_weighted_ce_formula():
 def test_heads_get_gradients_the_teacher_does_not_and_are_not_deployed():
     distiller = build()
     distiller.set_partitions([modulo_partition(10, m) for m in (2, 5, 10)])
-    _, losses = distiller.forward_train(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
-    sum(losses.values()).backward()
+    torch.manual_seed(5)
+    batches = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])),
+               (torch.randn(6, 3, 32, 32), torch.tensor([9, 8, 7, 6, 5, 4]))]
+    for x, y in batches:
+        _, losses = distiller.forward_train(x, y)
+        sum(losses.values()).backward()
     assert all(p.grad is not None for p in distiller.heads.parameters())
     assert all(p.grad is not None for p in distiller.student.parameters())
     assert all(p.grad is None for p in distiller.teacher.parameters())
@@ -260,7 +265,17 @@ def test_heads_get_gradients_the_teacher_does_not_and_are_not_deployed():
     assert distiller.deployable() is distiller.student
     metrics = distiller.epoch_metrics()
     assert [metrics[f'tdd_groups_{i}'] for i in (1, 2, 3)] == [2.0, 5.0, 10.0]
-    assert all(0 <= metrics[f'tdd_head_acc_{i}'] <= 100 for i in (1, 2, 3))
+    # the heads' coarse accuracy over both batches, recomputed from their logits (no optimiser step was taken,
+    # and train-mode BN normalises with the batch's own statistics, so the features are the same) and the
+    # coarse label of each class under the modulo partitions: class c is in group c % M
+    correct = [0, 0, 0]
+    with torch.no_grad():
+        for x, y in batches:
+            feat_s, _ = distiller.student(x, is_feat=True)
+            for i, (head, groups) in enumerate(zip(distiller.heads, (2, 5, 10))):
+                logits = feat_s[i + 1].mean(dim=(2, 3)) @ head.linear.weight.T + head.linear.bias
+                correct[i] += sum(int(row.argmax()) == label % groups for row, label in zip(logits, y.tolist()))
+    assert [metrics[f'tdd_head_acc_{i}'] for i in (1, 2, 3)] == pytest.approx([100.0 * c / 10 for c in correct])
     assert 'tdd_head_acc_1' not in distiller.epoch_metrics()      # accumulators were reset
 
 
@@ -379,8 +394,66 @@ def test_prepare_builds_the_trees_from_clean_teacher_features_and_caches_them(sm
     for emb, f in zip(embeddings, feats[1:-1]):
         assert torch.allclose(emb[index], f.mean(dim=(2, 3)), atol=1e-5)
     assert torch.equal(labels[index], target)
-    expected = [class_tree_partition(e, labels, 10, 0.2, 3)[0] for e in embeddings]
-    assert cached['partitions'] == expected
+    # one partition of the 10 classes per stage; which partition is checked by hand in
+    # test_prepare_cuts_hand_made_embeddings_into_the_groups_worked_out_on_paper
+    assert len(cached['partitions']) == 3
+    assert all(sorted(c for g in p for c in g) == list(range(10)) for p in cached['partitions'])
+
+
+# Three teacher stages of hand-made 2-D embeddings for 4 classes with 6, 2, 4 and 4 images (one label vector for
+# all stages). The class means are (0,0), (0,2), (10,0), (10,2) at every stage, so Ward joins {0,1} and {2,3}
+# (distance 2, 10 apart from each other) and then the root; the node prototypes (means of the class means) are
+# A = (0,1) for {0,1} and B = (10,1) for {2,3}. kNN with k = 4, threshold 0.6 (purity >= 0.6 splits):
+#   stage 1 (TOY above): A -> 2/4, B -> 3/4                               -> [[0, 1], [2], [3]]
+#   stage 2: 4 nearest of A: (0,0.5) c0, (0,1.5) c1 (0.5), (0,-0.5) c0, (0,2.5) c1 (1.5)   -> 4/4: split
+#            4 nearest of B: (10,1.1) c0, (9.9,1) c0 (0.1), (10,0.5) c2, (10,1.5) c3 (0.5) -> 2/4: one group
+#            (class 0's far points (-10,-1.1), (-9.9,-1) keep its mean at (0,0))        -> [[0], [1], [2, 3]]
+#   stage 3: A: (0.1,1) c2, (0.2,1) c3, (0,0.5) c0, (0,1.5) c1 -> 2/4;  B: (10.1,1) c0, (9.9,1) c0,
+#            (10,0.5) c2, (10,1.5) c3 -> 2/4: neither node is split                     -> [[0, 1], [2, 3]]
+HAND_STAGES = [
+    [p for c in TOY for p in TOY[c]],
+    [(0, 0.5), (0, -0.5), (10, 1.1), (-10, -1.1), (9.9, 1), (-9.9, -1),      # class 0
+     (0, 1.5), (0, 2.5),                                                     # class 1
+     (10, 0.5), (10, -0.5), (10, 0), (10, 0),                                # class 2
+     (10, 1.5), (10, 2.5), (10, 2), (10, 2)],                                # class 3
+    [(10.1, 1), (-10.1, -1), (9.9, 1), (-9.9, -1), (0, 0.5), (0, -0.5),
+     (0, 1.5), (0, 2.5),
+     (0.1, 1), (19.9, -1), (10, 0.5), (10, -0.5),
+     (0.2, 1), (19.8, 3), (10, 1.5), (10, 2.5)],
+]
+HAND_LABELS = [0] * 6 + [1] * 2 + [2] * 4 + [3] * 4
+
+
+def test_prepare_cuts_hand_made_embeddings_into_the_groups_worked_out_on_paper(small_data, tmp_path, monkeypatch):
+    _, ckpt = small_data
+    labels = torch.tensor(HAND_LABELS)
+    for points in HAND_STAGES:                                   # the class means the comment above relies on
+        emb = torch.tensor(points, dtype=torch.float64)
+        means = torch.stack([emb[labels == c].mean(0) for c in range(4)])
+        assert torch.allclose(means, torch.tensor([[0.0, 0], [0, 2], [10, 0], [10, 2]], dtype=torch.float64))
+    teacher = create_model('resnet14', 4)
+    loader = object()
+    calls = []
+
+    def hand_made(model, train_loader, n_data, device, feature='stage'):
+        calls.append((model, train_loader, n_data, feature))
+        return [torch.tensor(points, dtype=torch.float32) for points in HAND_STAGES], labels.clone()
+
+    monkeypatch.setattr('distiller_zoo.tdd.stage_embeddings', hand_made)
+    opt = make_opt('tdd', path_t=str(ckpt), tdd_threshold=0.6, tdd_knn=4)
+    distiller = TDD(create_model('resnet8', 4), teacher, opt, make_info(num_classes=4, n_data=16))
+    distiller.prepare(SimpleNamespace(train_eval_loader=loader), device=torch.device('cpu'), cache_dir=str(tmp_path))
+    assert calls == [(teacher, loader, 16, 'stage')]
+    expected = [[[0, 1], [2], [3]], [[0], [1], [2, 3]], [[0, 1], [2, 3]]]
+    assert distiller.partitions() == expected
+    assert [h.linear.out_features for h in distiller.heads] == [3, 3, 2]
+    (path,) = (tmp_path / 'tdd').iterdir()
+    cached = load_checkpoint(path)
+    assert cached['partitions'] == expected and cached['meta']['groups_per_stage'] == [3, 3, 2]
+    assert cached['linkage'][0].tolist() == [[0, 1], [2, 3], [4, 5]]
+    assert cached['purity'][0].tolist() == pytest.approx([0.5, 0.75, 1.0])
+    assert sorted(cached['purity'][1].tolist()) == pytest.approx([0.5, 1.0, 1.0])
+    assert sorted(cached['purity'][2].tolist()) == pytest.approx([0.5, 0.5, 1.0])
 
 
 def test_cache_is_reused_and_a_mismatching_file_is_refused(small_data, tmp_path, monkeypatch, capsys):

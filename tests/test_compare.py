@@ -1,0 +1,266 @@
+"""scripts/compare_with_paper.py and its published numbers: the integrity of scripts/published_results.csv
+against the letKD supplementary's Tables 1-3 (literal values, and every cell when the text is at hand), the
+teacher row, and a Tiny-ImageNet table with Table 3's protocol (best on val, reported on test)."""
+import csv
+import json
+import re
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from scripts import compare_with_paper
+from scripts.settings import TABLE1_METHODS, TABLE1_PAIRS, TABLE3_METHODS, TABLE3_PAIRS
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = ROOT / 'scripts' / 'published_results.csv'
+# the paper's text, beside the repository (../shared/paper/); the literal checks below do not need it
+SUPPLEMENTARY = ROOT.parent / 'shared' / 'paper' / 'letkd_supplementary.md'
+
+
+def published_rows():
+    with open(PUBLISHED, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------- published_results.csv
+def test_published_keys_are_unique_and_every_value_is_a_percentage():
+    rows = published_rows()
+    keys = Counter((r['dataset'], r['teacher'], r['student'], r['method']) for r in rows)
+    assert [k for k, n in keys.items() if n > 1] == []
+    assert len(rows) == 240
+    assert Counter(r['dataset'] for r in rows) == {'cifar100': 164, 'tinyimagenet': 60, 'imagenet': 16}
+    for r in rows:
+        assert 0 < float(r['top1']) < 100, r
+        assert r['source'] == 'letKD supplementary'
+    # compare_with_paper reads every row (none is dropped for an empty top1)
+    assert len(compare_with_paper.load_published()) == 240
+
+
+# Cells printed '-' in the supplementary's Table 1: FSP only runs on equal channels (5 pairs), DKD has no
+# resnet110 -> resnet20 number, TDD and TDD+CRD only the 5 pairs of the TDD paper.
+TABLE1_DASHES = {
+    ('wrn_40_2', 'wrn_40_1', 'FSP'), ('wrn_40_2', 'ShuffleV1', 'FSP'), ('resnet32x4', 'ShuffleV1', 'FSP'),
+    ('resnet32x4', 'ShuffleV2', 'FSP'), ('ResNet50', 'MobileNetV2', 'FSP'),
+    ('resnet110', 'resnet20', 'DKD'),
+    *((t, s, m) for m in ('TDD', 'TDD+CRD') for t, s in [('resnet110', 'resnet20'), ('resnet110', 'resnet32'),
+                                                         ('resnet32x4', 'resnet8x4'), ('resnet32x4', 'ShuffleV1'),
+                                                         ('resnet32x4', 'ShuffleV2')]),
+}
+# Table 3 has no CRD, CRD+KD, DKD nor SimKD row (our sweep runs them anyway), FitNet is '-' on two pairs.
+TABLE3_ABSENT = {
+    *((t, s, m) for m in ('CRD', 'CRD+KD', 'DKD', 'SimKD') for t, s in TABLE3_PAIRS),
+    ('wrn_40_2', 'wrn_40_1', 'FitNet'), ('wrn_40_2', 'ShuffleV1', 'FitNet'),
+}
+
+
+@pytest.mark.parametrize('dataset, pairs, methods, absent', [
+    ('cifar100', TABLE1_PAIRS, TABLE1_METHODS, TABLE1_DASHES),
+    ('tinyimagenet', TABLE3_PAIRS, TABLE3_METHODS, TABLE3_ABSENT),
+])
+def test_every_published_cell_of_the_table_is_there(dataset, pairs, methods, absent):
+    keys = {(r['teacher'], r['student'], r['method']) for r in published_rows() if r['dataset'] == dataset}
+    grid = {(t, s, m) for t, s in pairs for m in ['teacher', 'student', *methods]}
+    assert absent <= grid
+    missing = sorted(grid - absent - keys)
+    assert missing == [], f'{dataset}: published cells missing from published_results.csv: {missing}'
+    assert sorted(absent & keys) == [], f'{dataset}: rows for cells the paper leaves empty'
+    # rows outside the grid: only Table 3's FSP row (published on the two equal-channel pairs, not in TABLE3_METHODS)
+    extra = sorted(keys - grid)
+    assert extra == ([] if dataset == 'cifar100' else
+                     [('resnet56', 'resnet20', 'FSP'), ('wrn_40_2', 'wrn_16_2', 'FSP')])
+
+
+# A few numbers copied by hand from the supplementary's text (Tables 1, 2 and 3), with their rows and columns.
+@pytest.mark.parametrize('key, top1, std, top5', [
+    (('cifar100', 'resnet56', 'resnet20', 'letKD-2'), 73.27, 0.16, None),     # Table 1, RN56 RN20
+    (('cifar100', 'ResNet50', 'MobileNetV2', 'student'), 64.60, None, None),  # Table 1 header, RN50 MN2V2
+    (('cifar100', 'resnet32x4', 'resnet8x4', 'SimKD'), 78.08, None, None),    # Table 1, RN32x4 RN8x4
+    (('cifar100', 'wrn_40_2', 'ShuffleV1', 'CRD+KD'), 76.27, None, None),     # Table 1, "CRD +KD", WRN-40-2 SNV1
+    (('tinyimagenet', 'ResNet50', 'MobileNetV2', 'AT'), 50.91, None, None),   # Table 3, RN50 MNV2
+    (('tinyimagenet', 'wrn_40_2', 'wrn_40_1', 'letKD-1'), 59.75, 0.50, None),  # Table 3, WRN-40-2 WRN-40-1
+    (('imagenet', 'ResNet50', 'MobileNetV2', 'letKD-2'), 73.98, None, 92.00),  # Table 2, setting (b)
+])
+def test_published_values_match_the_supplementary_text(key, top1, std, top5):
+    row = next(r for r in published_rows() if (r['dataset'], r['teacher'], r['student'], r['method']) == key)
+    assert float(row['top1']) == top1
+    assert (float(row['top1_std']) if row['top1_std'] else None) == std
+    assert (float(row['top5']) if row['top5'] else None) == top5
+    assert compare_with_paper.load_published()[key] == top1
+
+
+ARCH = {'WRN-40-2': 'wrn_40_2', 'WRN-16-2': 'wrn_16_2', 'WRN-40-1': 'wrn_40_1', 'RN56': 'resnet56', 'RN20': 'resnet20',
+        'RN110': 'resnet110', 'RN32': 'resnet32', 'RN32x4': 'resnet32x4', 'RN8x4': 'resnet8x4', 'SNV1': 'ShuffleV1',
+        'SNV2': 'ShuffleV2', 'RN50': 'ResNet50', 'MN2V2': 'MobileNetV2', 'MNV2': 'MobileNetV2'}
+
+
+def parse_supplementary_table(text, number):
+    """{(teacher, student, method): (top1, std or None)} of Table ``number`` (1 or 3) of the supplementary, and
+    its column pairs. Columns come from the architecture line, teacher/student rows from the 'Methods' line."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f'Table {number}:'))
+    arch = next(i for i in range(start, len(lines)) if '\t' in lines[i] and 'Archs' not in lines[i]
+                and not lines[i].startswith('Methods'))
+    pairs = []
+    for cell in lines[arch].split('\t')[1:]:
+        names = cell.split()
+        pairs.append((ARCH[names[0]], ARCH[names[1]]))
+    cells = {}
+    i = arch + 1
+    assert lines[i].startswith('Methods')
+    for col, cell in enumerate(lines[i].split('\t')[1:]):
+        teacher, student = cell.split()
+        cells[(*pairs[col], 'teacher')] = (float(teacher), None)
+        cells[(*pairs[col], 'student')] = (float(student), None)
+    for line in lines[i + 1:]:
+        if not line.strip() or line.startswith(('Table', '1.2')):
+            break
+        label, *values = line.split('\t')
+        label = label.replace(' +', '+')
+        assert len(values) == len(pairs), line
+        for col, value in enumerate(values):
+            if value.strip() == '-':
+                continue
+            match = re.fullmatch(r'(\d+\.\d+)(?: ±(\d+\.\d+))?', value.strip())
+            assert match, value
+            cells[(*pairs[col], label)] = (float(match[1]), float(match[2]) if match[2] else None)
+    return cells, pairs
+
+
+@pytest.mark.skipif(not SUPPLEMENTARY.is_file(), reason=f'{SUPPLEMENTARY} is not here')
+@pytest.mark.parametrize('number, dataset, pairs', [(1, 'cifar100', TABLE1_PAIRS), (3, 'tinyimagenet', TABLE3_PAIRS)])
+def test_published_csv_is_the_supplementarys_table_cell_by_cell(number, dataset, pairs):
+    cells, columns = parse_supplementary_table(SUPPLEMENTARY.read_text(), number)
+    assert columns == pairs                                  # settings.py's columns are the paper's, in order
+    rows = {(r['teacher'], r['student'], r['method']): (float(r['top1']), float(r['top1_std']) if r['top1_std'] else None)
+            for r in published_rows() if r['dataset'] == dataset}
+    assert rows == cells
+    assert len(cells) == {1: 164, 3: 60}[number]
+
+
+# ------------------------------------------------------------------------- compare_with_paper.py
+def write_summary(root, name, **fields):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / 'summary.json').write_text(json.dumps(fields))
+
+
+COST = dict(params_deployed=278324, macs_deployed=40818944)
+
+
+def test_teacher_row_comes_from_the_teachers_own_runs(tmp_path, capsys):
+    save = tmp_path / 'save'
+    # train_teacher.py's summaries (model_t null, distill 'ce'): two resnet56 teachers and one resnet20 from scratch
+    for i, (last, best) in enumerate([(72.0, 72.6), (72.5, 73.0)]):
+        write_summary(save, f'teacher{i}', dataset='cifar100', model_t=None, model_s='resnet56', distill='ce',
+                      last_acc=last, best_acc=best, params_deployed=861620, macs_deployed=125485706)
+    write_summary(save, 'scratch', dataset='cifar100', model_t=None, model_s='resnet20', distill='ce', last_acc=69.0,
+                  best_acc=69.4, **COST)
+    write_summary(save, 'kd', dataset='cifar100', model_t='resnet56', model_s='resnet20', distill='kd', alpha=0.9,
+                  last_acc=70.0, best_acc=70.5, **COST)
+    assert compare_with_paper.main([str(save), '--out', str(tmp_path / 'out')]) == 0
+    out = capsys.readouterr().out
+    tables = out.split('## ')
+    last_table = next(t for t in tables if t.startswith('cifar100: last-epoch'))
+    best_table = next(t for t in tables if t.startswith('cifar100: best-epoch'))
+    mean, std = statistics.fmean([72.0, 72.5]), statistics.stdev([72.0, 72.5])
+    # the only column with runs is resnet56 -> resnet20; the teacher's published number there is 72.34
+    assert '| method | resnet56 -> resnet20 |' in last_table
+    assert f'| teacher | {mean:.2f} +- {std:.2f} (2) / 72.34 / {mean - 72.34:+.2f} |' in last_table
+    assert '| teacher | 72.25 +- 0.35 (2) / 72.34 / -0.09 |' in last_table
+    assert '| teacher | 72.80 +- 0.28 (2) / 72.34 / +0.46 |' in best_table
+    assert '| student | 69.00 +- 0.00 (1) / 69.06 / -0.06 |' in last_table
+    # the reference rows are never the best of a column: the teacher is above KD, KD is the one in bold
+    assert '| KD | **70.00 +- 0.00 (1) / 70.66 / -0.66** |' in last_table
+    assert '**72.25' not in out
+    # the teacher is not a deployed student: no row of the size table
+    size = next(t for t in tables if t.startswith('cifar100: deployed')).split('\n\n')[1]
+    assert '| student | 0.28 / 40.8 |' in size and 'teacher' not in size
+    assert 'from scratch' not in out                  # both models of the column have their own runs
+    with open(tmp_path / 'out' / 'comparison.csv') as f:
+        rows = {(r['student'], r['method']): r for r in csv.DictReader(f)}
+    assert rows[('resnet56', 'vanilla')]['n'] == '2'
+    assert float(rows[('resnet56', 'vanilla')]['last_mean']) == pytest.approx(mean, abs=1e-4)
+
+    # without the teacher's runs its row shows only the published number, and the runs are listed as missing
+    for i in range(2):
+        (save / f'teacher{i}' / 'summary.json').unlink()
+    assert compare_with_paper.main([str(save), '--out', str(tmp_path / 'out')]) == 0
+    out = capsys.readouterr().out
+    assert '| teacher | - / 72.34 |' in out
+    assert '- cifar100 resnet56 from scratch: 0 runs' in out and 'resnet20 from scratch' not in out
+
+
+def tiny_runs(save):
+    """Tiny-ImageNet runs made with --tiny_split letkd (summary.json has test_acc_at_best_val) and one without."""
+    letkd = dict(dataset='tinyimagenet', model_t='wrn_40_2', model_s='wrn_16_2', **COST)
+    # KD: best on test 60.0 (epoch 230) but the best on val was epoch 200, where test said 59.5
+    write_summary(save, 'kd', distill='kd', alpha=0.9, last_acc=58.0, best_acc=60.0, best_val_acc=61.0,
+                  best_val_epoch=200, test_acc_at_best_val=59.5, last_val_acc=60.0, **letkd)
+    for i, (last, best, at_val) in enumerate([(61.0, 62.0, 61.8), (62.0, 63.0, 62.4), (63.0, 63.5, 62.7)]):
+        write_summary(save, f'letkd2_{i}', distill='letkd2', alpha=0.0, last_acc=last, best_acc=best,
+                      best_val_acc=at_val + 1, best_val_epoch=220, test_acc_at_best_val=at_val,
+                      last_val_acc=last + 1, **letkd)
+    # AT on the val50 split: no val part, so no test_acc_at_best_val; its best-epoch number stays best_acc
+    write_summary(save, 'at', distill='attention', alpha=0.0, last_acc=57.0, best_acc=57.7,
+                  **{**letkd, 'model_t': 'resnet56', 'model_s': 'resnet20'})
+    write_summary(save, 'scratch', dataset='tinyimagenet', model_t=None, model_s='wrn_16_2', distill='ce',
+                  last_acc=56.0, best_acc=57.0, best_val_acc=58.0, best_val_epoch=150, test_acc_at_best_val=56.6,
+                  last_val_acc=57.0, **COST)
+
+
+def test_tinyimagenet_table_has_table_3s_columns_rows_published_numbers_and_trials(tmp_path, capsys):
+    save = tmp_path / 'save'
+    tiny_runs(save)
+    assert compare_with_paper.main([str(save), '--out', str(tmp_path / 'out')]) == 0
+    out = capsys.readouterr().out
+    assert '## cifar100' not in out
+    tables = out.split('## ')
+    last_table = next(t for t in tables if t.startswith('tinyimagenet: last-epoch'))
+    lines = last_table.splitlines()
+    # the columns of Table 3 that have runs, in its order; the rows: teacher, student, then TABLE3_METHODS
+    assert '| method | wrn_40_2 -> wrn_16_2 | resnet56 -> resnet20 |' in lines
+    labels = [line.split('|')[1].strip() for line in lines if line.startswith('| ') and not line.startswith('| method')]
+    assert labels == ['teacher', 'student', *TABLE3_METHODS]
+    mean, std = statistics.fmean([61.0, 62.0, 63.0]), statistics.stdev([61.0, 62.0, 63.0])
+    assert f'| letKD-2 | **{mean:.2f} +- {std:.2f} (3) / 62.21 / {mean - 62.21:+.2f}** | - / 57.35 |' in lines
+    assert '| KD | 58.00 +- 0.00 (1) / 59.16 / -1.16 | - / 53.04 |' in lines
+    assert '| AT | - / 58.71 | **57.00 +- 0.00 (1) / 54.01 / +2.99** |' in lines
+    assert '| teacher | - / 61.26 | - / 58.34 |' in lines
+    assert '| student | 56.00 +- 0.00 (1) / 57.17 / -1.17 | - / 52.66 |' in lines
+    assert '| CRD | - / - | - / - |' in lines                      # run by the sweep, not in the paper's Table 3
+    # 3 trials per cell on Tiny-ImageNet
+    assert '- tinyimagenet wrn_40_2 -> wrn_16_2 KD: 1/3 runs' in out
+    assert '- tinyimagenet wrn_40_2 -> wrn_16_2 letKD-2' not in out
+    assert '- tinyimagenet resnet56 -> resnet20 letKD-2: 0/3 runs' in out
+    assert 'ResNet50 -> MobileNetV2' not in last_table                 # columns without runs are left out
+    assert (tmp_path / 'out' / 'comparison_tinyimagenet.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_tinyimagenet_best_epoch_is_the_test_accuracy_at_the_best_val_epoch(tmp_path, capsys):
+    """README, 'Tiny-ImageNet: which split reproduces Table 3': for runs with --tiny_split letkd the best-epoch
+    number is test_acc_at_best_val (selected on val, reported on test); runs without it keep best_acc."""
+    save = tmp_path / 'save'
+    tiny_runs(save)
+    assert compare_with_paper.main([str(save), '--out', str(tmp_path / 'out')]) == 0
+    out = capsys.readouterr().out
+    best_table = next(t for t in out.split('## ') if t.startswith('tinyimagenet: best-epoch'))
+    lines = best_table.splitlines()
+    at_val = [61.8, 62.4, 62.7]
+    mean, std = statistics.fmean(at_val), statistics.stdev(at_val)
+    with open(tmp_path / 'out' / 'comparison.csv') as f:
+        rows = {(r['student'], r['method']): r for r in csv.DictReader(f)}
+    why = ("compare_with_paper.py must report test_acc_at_best_val (Table 3's protocol) as the best-epoch number of "
+           "Tiny-ImageNet runs made with --tiny_split letkd, not best_acc (the best epoch chosen on test)")
+    assert float(rows[('wrn_16_2', 'letKD-2')]['best_mean']) == pytest.approx(mean, abs=1e-4), why
+    assert float(rows[('wrn_16_2', 'KD')]['best_mean']) == pytest.approx(59.5, abs=1e-4), why
+    assert float(rows[('wrn_16_2', 'vanilla')]['best_mean']) == pytest.approx(56.6, abs=1e-4), why
+    assert f'| letKD-2 | **{mean:.2f} +- {std:.2f} (3) / 62.21 / {mean - 62.21:+.2f}** | - / 57.35 |' in lines, why
+    assert '| KD | 59.50 +- 0.00 (1) / 59.16 / +0.34 | - / 53.04 |' in lines, why
+    assert '| student | 56.60 +- 0.00 (1) / 57.17 / -0.57 | - / 52.66 |' in lines, why
+    # a run without a val part (--tiny_split val50) keeps its best_acc
+    assert float(rows[('resnet20', 'AT')]['best_mean']) == pytest.approx(57.7, abs=1e-4)
+    assert '| AT | - / 58.71 | **57.70 +- 0.00 (1) / 54.01 / +3.69** |' in lines
+    # the last-epoch numbers are last_acc either way
+    assert float(rows[('wrn_16_2', 'KD')]['last_mean']) == pytest.approx(58.0, abs=1e-4)
