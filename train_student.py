@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dataset import get_dataloaders
+from dataset.device_data import device_bundle
 from distiller_zoo.registry import ALIASES, DISTILLERS, add_method_arguments, canonical_name
 from helper.errors import UserError
 from helper.loops import validate
@@ -99,6 +100,9 @@ def main(parsed: argparse.Namespace) -> dict:
     data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode=method.data_mode,
                            pad_mode=opt.pad_mode, download=opt.download, seed=opt.seed, nce_k=opt.nce_k,
                            crd_mode=opt.mode, pin_memory=device.type == 'cuda', **data_options(opt))
+    if opt.device_data:   # the fast path's data: on the device, augmented there (dataset/device_data.py)
+        data = device_bundle(data, opt.dataset, device, mode=method.data_mode, pad_mode=opt.pad_mode,
+                             augment=opt.tiny_aug, seed=opt.seed, channels_last=opt.channels_last)
     teacher = None
     if method.needs_teacher:
         print(f'==> loading teacher {opt.model_t} from {opt.path_t}')

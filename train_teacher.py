@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dataset import get_dataloaders
+from dataset.device_data import device_bundle
 from distiller_zoo.logit_kd import Vanilla
 from helper.errors import UserError
 from helper.options import (ResolvedOptions, add_common_arguments, data_options, freeze, resolve_common, run_cli,
@@ -59,6 +60,9 @@ def main(parsed: argparse.Namespace) -> dict:
     data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode='plain',
                            pad_mode=opt.pad_mode, download=opt.download, seed=opt.seed,
                            pin_memory=device.type == 'cuda', **data_options(opt))
+    if opt.device_data:   # the fast path's data: on the device, augmented there (dataset/device_data.py)
+        data = device_bundle(data, opt.dataset, device, mode='plain', pad_mode=opt.pad_mode, augment=opt.tiny_aug,
+                             seed=opt.seed, channels_last=opt.channels_last)
     model = create_model(opt.model, num_classes=data.num_classes)
     distiller = Vanilla(model, None, opt, data.info).to(device)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,7 +32,11 @@ class ContrastMemory(nn.Module):
         self.register_buffer('memory_v1', torch.rand(outputSize, inputSize).mul_(2 * bound).add_(-bound))
         self.register_buffer('memory_v2', torch.rand(outputSize, inputSize).mul_(2 * bound).add_(-bound))
         self.l2norm = Normalize(2)
+        self.K = int(K)
         self.seed = int(seed)
+        # whether Z has been checked on the host since construction or the last load_state_dict: after
+        # that first (syncing) call, the normalisers are only read as tensors, without a host sync
+        self._z_checked = False
         self._generator: torch.Generator | None = None
 
     def sample_indices(self, y: Tensor) -> Tensor:
@@ -43,8 +48,7 @@ class ContrastMemory(nn.Module):
         device = self.memory_v1.device
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        K = int(self.params[_K].item())
-        idx = torch.randint(self.n_data, (y.shape[0], K + 1), generator=self._generator, device=device)
+        idx = torch.randint(self.n_data, (y.shape[0], self.K + 1), generator=self._generator, device=device)
         idx[:, 0] = y
         return idx
 
@@ -52,19 +56,23 @@ class ContrastMemory(nn.Module):
         """exp(<memory[idx], anchor> / T): (B, K+1, 1); no gradient into the memory."""
         batch, dim = anchor.shape
         rows = memory.index_select(0, idx.reshape(-1)).detach().view(batch, -1, dim)
-        return torch.exp(torch.bmm(rows, anchor.view(batch, dim, 1)) / self.params[_T].item())
+        return torch.exp(torch.bmm(rows, anchor.view(batch, dim, 1)) / self.params[_T].clone())
 
     def _normalised(self, out: Tensor, slot: int, name: str) -> Tensor:
-        if self.params[slot].item() < 0:
+        if not self._z_checked and self.params[slot].item() < 0:     # the first call only (a host sync)
             self.params[slot] = out.mean().detach() * self.n_data
             print(f'normalization constant {name} is set to {self.params[slot].item():.1f}', flush=True)
-        return out / self.params[slot].item()
+        return out / self.params[slot].clone()     # a copy: autograd keeps it while Z_v2 is set in place
 
     @torch.no_grad()
     def _update(self, memory: Tensor, y: Tensor, v: Tensor) -> None:
-        momentum = self.params[_MOMENTUM].item()
+        momentum = self.params[_MOMENTUM]          # a tensor: no host read
         rows = memory.index_select(0, y).mul_(momentum).add_(v.detach() * (1 - momentum))
         memory.index_copy_(0, y, self.l2norm(rows))
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._z_checked = False        # the loaded Z may still be unset (< 0)
 
     def forward(self, v1: Tensor, v2: Tensor, y: Tensor, idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """v1, v2: (B, D) student / teacher embeddings; y: (B,) their dataset indices; idx: (B, K+1).
@@ -76,6 +84,7 @@ class ContrastMemory(nn.Module):
             idx = self.sample_indices(y)
         out_v1 = self._normalised(self._scores(self.memory_v2, idx, v1), _Z_V1, 'Z_v1')
         out_v2 = self._normalised(self._scores(self.memory_v1, idx, v2), _Z_V2, 'Z_v2')
+        self._z_checked = True
         self._update(self.memory_v1, y, v1)
         self._update(self.memory_v2, y, v2)
         return out_v1.contiguous(), out_v2.contiguous()

@@ -219,11 +219,16 @@ def set_epoch(bundle_or_loader: DataBundle | DataLoader, epoch: int, seed: int, 
 
     Reseeds the loader's generator in place (shuffling order and the worker seeds that drive
     augmentation) and calls `dataset.set_epoch(epoch)` when the dataset has one (CRD negatives).
-    Call it before creating the epoch's iterator. Accepts a DataBundle (its train_loader) or a loader.
+    Call it before creating the epoch's iterator. Accepts a DataBundle (its train_loader) or a loader;
+    a device-resident loader (dataset.device_data) reseeds its own generator the same way.
     stream: MAIN_STREAM for the training epochs, INIT_STREAM for an init stage (AB/FT/FSP), so the
     init stage's epoch e does not replay the main stage's epoch e. CRD negatives depend on the epoch only.
     """
     loader = bundle_or_loader.train_loader if isinstance(bundle_or_loader, DataBundle) else bundle_or_loader
+    own_set_epoch = getattr(loader, "set_epoch", None)  # a loader that reseeds itself (dataset.device_data)
+    if callable(own_set_epoch):
+        own_set_epoch(epoch, seed, stream)
+        return
     if loader.generator is None:
         raise ValueError("this DataLoader has no generator to reseed; build it with generator=torch.Generator()")
     if seed < 0 or epoch < 0 or stream < 0:

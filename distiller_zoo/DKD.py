@@ -39,7 +39,8 @@ class DKDLoss(nn.Module):
     def forward(self, logits_student: Tensor, logits_teacher: Tensor, target: Tensor) -> Tensor:
         T = self.temperature
         batch = logits_student.shape[0]
-        gt_mask = F.one_hot(target, logits_student.shape[1]).to(logits_student.dtype)
+        # scatter, not F.one_hot: one_hot checks the labels' range on the host (a sync)
+        gt_mask = torch.zeros_like(logits_student).scatter_(1, target.view(-1, 1), 1.0)
         z_s, z_t = logits_student / T, logits_teacher / T
 
         p_s, p_t = F.softmax(z_s, dim=1), F.softmax(z_t, dim=1)

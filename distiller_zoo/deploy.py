@@ -42,11 +42,13 @@ def build_deployable(spec: dict[str, Any]) -> nn.Module:
 
 
 def load_deployed(path: str | os.PathLike, map_location: str | torch.device = 'cpu',
-                  spec: dict[str, Any] | None = None) -> nn.Module:
+                  spec: dict[str, Any] | None = None, fold_bn: bool = False) -> nn.Module:
     """The student saved in ``path`` (any of our checkpoints), rebuilt and loaded strictly, in eval mode.
 
     ``spec`` is needed only for files without a ``deploy`` entry (e.g. RepDistiller's own checkpoints:
-    ``{'kind': 'plain', 'model': 'resnet20', 'num_classes': 100}``).
+    ``{'kind': 'plain', 'model': 'resnet20', 'num_classes': 100}``). ``fold_bn=True`` then folds, for
+    inference, what the module knows how to fold (letKD's KD layers: ``LetKDStudent.fold_bn``; other
+    modules are returned unchanged); the checkpoint's keys are those of the unfolded module.
     """
     ckpt = load_checkpoint(path, map_location=map_location)
     spec = spec or ckpt.get('deploy')
@@ -54,4 +56,6 @@ def load_deployed(path: str | os.PathLike, map_location: str | torch.device = 'c
         raise UserError(f"{path} does not say which architecture it holds; pass spec=")
     model = build_deployable(spec)
     model.load_state_dict(state_dict_from_checkpoint(ckpt, path), strict=True)
+    if fold_bn and callable(getattr(model, 'fold_bn', None)):
+        model.fold_bn()
     return model.eval()

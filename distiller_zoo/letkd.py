@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from argparse import ArgumentParser, Namespace
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,6 @@ from helper.letkd_offline import (ROLES, OfflineSettings, add_quantizer_argument
                                   codebook_targets, ensure_quantizers, flatten_positions, kd_sites, lda_project,
                                   nearest_subclass_of_class, pair_shapes, pool_teacher_to)
 from helper.options import updated
-from helper.util import AverageMeter
 from models import attach, create_model, tap
 
 NORM_EPS = 1e-12
@@ -96,12 +95,110 @@ class KDLayer(nn.Module):
         v = self.value(F.relu(self.bn(scores), inplace=True))   # BN's backward does not need its output
         return feature + self.alpha * v, scores
 
+    @torch.no_grad()
+    def fold_bn(self) -> 'FusedKDLayer':
+        """This layer's eval-mode computation with BN folded into the predictor (same outputs up to
+        rounding; uses BN's running statistics as they are now)."""
+        bn, predictor, value = self.bn, self.predictor, self.value
+        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)                          # (K,)
+        unit_in = F.normalize(predictor.weight.flatten(1), dim=1, eps=NORM_EPS)           # (K, C)
+        weight_in = (factor * predictor.scale).unsqueeze(1) * unit_in
+        bias_in = bn.bias - bn.running_mean * factor
+        weight_out = (self.alpha * value.scale) * F.normalize(value.weight.flatten(1), dim=1, eps=NORM_EPS)
+        return FusedKDLayer(weight_in, bias_in, weight_out).to(predictor.weight.device).eval()
+
+
+class FusedKDLayer(nn.Module):
+    """A KDLayer folded for inference (``KDLayer.fold_bn()``; eval mode only, never trained or saved).
+
+    In eval mode ``bn(scores)`` is affine per word, so BN and the predictor's scale fold into one
+    predictor GEMM whose bias rides as an extra input column: ``r = relu([F / |F|, 1] @ W_in)``, then
+    ``F_hat = F + (r @ W_out) / |r|`` with ``W_out`` the value's unit kernels times its scale and alpha.
+    On the CPU, positions run in chunks whose (rows, K) buffer fits in ``chunk_bytes`` (stays in cache;
+    one chunk on other devices); no normalised copy of the K-channel tensor is made.
+    ``forward(F) -> (F_hat, None)`` (no scores).
+    """
+
+    def __init__(self, weight_in: Tensor, bias_in: Tensor, weight_out: Tensor, chunk_bytes: int = 2 ** 20) -> None:
+        super().__init__()
+        # (C + 1, K): the folded predictor kernels as columns, the folded bias as the last row
+        self.register_buffer('weight_in', torch.cat([weight_in.t(), bias_in.unsqueeze(0)]).contiguous())
+        self.register_buffer('weight_out', weight_out.t().contiguous())                      # (K, C)
+        self.chunk_bytes = int(chunk_bytes)
+
+    def forward(self, feature: Tensor) -> tuple[Tensor, None]:
+        if self.training:
+            raise RuntimeError('a folded KD layer is for inference only (eval mode)')
+        b, c, h, w = feature.shape
+        rows = feature.permute(0, 2, 3, 1).reshape(-1, c)                                 # (BHW, C)
+        inputs = torch.ones(rows.shape[0], c + 1, dtype=rows.dtype, device=rows.device)   # [F / |F|, 1]
+        torch.div(rows, rows.norm(dim=1, keepdim=True).clamp_min(NORM_EPS), out=inputs[:, :c])
+        out = torch.empty_like(rows)
+        step = rows.shape[0]
+        if feature.device.type == 'cpu':
+            step = max(16, self.chunk_bytes // (self.weight_out.shape[0] * rows.element_size()))
+        for start in range(0, rows.shape[0], step):
+            chunk = inputs[start:start + step]
+            r = torch.mm(chunk, self.weight_in).relu_()                                    # (rows, K)
+            norms = torch.linalg.vector_norm(r, dim=1, keepdim=True).clamp_min_(NORM_EPS)
+            torch.mm(r, self.weight_out, out=out[start:start + chunk.shape[0]]).div_(norms)
+        return feature + out.view(b, h, w, c).permute(0, 3, 1, 2), None
+
 
 # ---------------------------------------------------------------------------------------------- targets and loss
 
 def position_kl(scores: Tensor, target: Tensor) -> Tensor:
-    """Mean over the N positions of KL(target_n || softmax(scores_n)); scores and target (N, K)."""
+    """Mean over the N positions of KL(target_n || softmax(scores_n)); scores and target (N, K).
+
+    The reference formula (``F.kl_div`` of ``log_softmax``); training uses ``position_kl_lse``."""
     return F.kl_div(F.log_softmax(scores, dim=1), target, reduction='batchmean')
+
+
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(1)`` for (N, K) rows as a batched product, without an (N, K) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+class _PositionKL(torch.autograd.Function):
+    """mean_n [neg_entropy_n - p_n . s_n + logsumexp(s_n)], gradient (softmax(s) - p) / N for s only."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor, target: Tensor, target_neg_entropy: Tensor) -> Tensor:
+        ctx.save_for_backward(scores, target)
+        return (target_neg_entropy - row_dot(target, scores) + torch.logsumexp(scores, dim=1)).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        scores, target = ctx.saved_tensors
+        # one (N, K) buffer: softmax, minus the target and times the scale, in place
+        return torch.softmax(scores, dim=1).sub_(target).mul_(grad / scores.shape[0]), None, None
+
+
+def position_kl_lse(scores: Tensor, target: Tensor, target_neg_entropy: Tensor) -> Tensor:
+    """``position_kl`` in log-sum-exp form: mean_n [sum_k p log p - sum_k p s + logsumexp(s)].
+
+    ``target_neg_entropy`` (N,) is sum_k p_nk log p_nk, which the quantizers get from their logits or
+    tables; no log-softmax copy of the scores and no elementwise KL map are made, and the backward makes
+    one (N, K) buffer (the gradient). Computed in fp32; no gradient flows into the targets.
+    """
+    return _PositionKL.apply(scores.float(), target.detach(), target_neg_entropy.detach())
+
+
+class SiteTargets(NamedTuple):
+    """The teacher's targets at one KD site, per position: ``probs`` (N, K) fp32, ``neg_entropy`` (N,)
+    sum_k p log p, ``hard`` (N,) the assignment (nearest word or chosen sub-class)."""
+    probs: Tensor
+    neg_entropy: Tensor
+    hard: Tensor
+
+
+def _fp32_logits_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the codebook's distance GEMM: float64 on CUDA when TF32 may round fp32 matmuls
+    (TF32's 10-bit mantissa, times tau, visibly shifts the soft targets), float32 otherwise."""
+    if device.type == 'cuda' and (torch.backends.cuda.matmul.allow_tf32
+                                  or torch.get_float32_matmul_precision() != 'highest'):
+        return torch.float64
+    return torch.float32
 
 
 class CodebookQuantizer(nn.Module):
@@ -128,6 +225,23 @@ class CodebookQuantizer(nn.Module):
         target = codebook_targets(t, self.centroids, self.tau)
         return target, target.argmax(1)
 
+    def targets(self, t: Tensor, labels: Tensor) -> SiteTargets:
+        """``forward``'s targets in full fp32 whatever the autocast / TF32 state, with their negative
+        entropy from the logits; one (N, K) logit buffer, made in place into the probabilities."""
+        with torch.autocast(t.device.type, enabled=False):
+            dtype = _fp32_logits_dtype(t.device)
+            centroids = self.centroids.to(dtype)
+            # tau * (2 t.c - |c|^2), codebook_targets' operations in its order (||t||^2 cancels in the
+            # softmax), the last two in place on the GEMM's output
+            logits = ((2.0 * t.to(dtype)) @ centroids.t()).sub_(centroids.pow(2).sum(1)).mul_(self.tau).float()
+            hard = logits.argmax(1)
+            logits.sub_(logits.amax(1, keepdim=True))                  # row max 0: exp in (0, 1]
+            probs = logits.exp()
+            norm = probs.sum(1)
+            probs.div_(norm.unsqueeze(1))
+            neg_entropy = row_dot(probs, logits) - norm.log()           # sum p (a - logsumexp a)
+        return SiteTargets(probs, neg_entropy, hard)
+
 
 class SubclassQuantizer(nn.Module):
     """Intermediate teacher targets: LDA projection, the nearest sub-class centroid of the TRUE class,
@@ -143,6 +257,9 @@ class SubclassQuantizer(nn.Module):
         self.k_inter, self.dim, self.num_subclasses = k_inter, dim, num_classes * k_inter
         for name in ('scalings', 'xbar', 'centroids', 'scores'):     # sized by load()
             self.register_buffer(name, torch.zeros(0), persistent=False)
+        # sum_k s log s of each row of ``scores`` (the targets' negative entropies), set by load(); a plain
+        # attribute, not a buffer (the quantizer's buffers are the offline file's tensors)
+        self.row_neg_entropy = torch.zeros(0)
         self.loaded = False
 
     def load(self, tensors: dict[str, Tensor]) -> None:
@@ -155,12 +272,41 @@ class SubclassQuantizer(nn.Module):
             if tuple(tensors[name].shape) != shape:
                 raise UserError(f"sub-class {name} of shape {tuple(tensors[name].shape)}, expected {shape}")
             setattr(self, name, tensors[name].to(device=device, dtype=torch.float32))
+        self.row_neg_entropy = torch.xlogy(self.scores, self.scores).sum(1)
         self.loaded = True
 
     def forward(self, t: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         z = lda_project(t, self.xbar, self.scalings)
         chosen = nearest_subclass_of_class(z, labels, self.centroids, self.k_inter)
         return self.scores[chosen], chosen
+
+    def targets(self, t: Tensor, labels: Tensor) -> SiteTargets:
+        """``forward``'s targets in fp32 whatever the autocast state, and their negative entropy (a
+        per-row table of s_T, made by ``load``)."""
+        with torch.autocast(t.device.type, enabled=False):
+            z = lda_project(t.float(), self.xbar, self.scalings)
+            chosen = nearest_subclass_of_class(z, labels, self.centroids, self.k_inter)
+        row_neg_entropy = self.row_neg_entropy.to(self.scores.device)     # a no-op unless moved after load
+        return SiteTargets(self.scores[chosen], row_neg_entropy[chosen], chosen)
+
+
+class DeviceMeter:
+    """A weighted running mean kept as a tensor where the values live: ``update`` adds without a host
+    sync; ``avg()`` reads it (one sync, at the epoch end)."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def update(self, value: Tensor, weight: int = 1) -> None:
+        """Add ``weight * value`` (a 0-dim tensor) to the sum."""
+        term = value.detach().to(torch.float32 if value.device.type == 'mps' else torch.float64) * weight
+        self.total = term if self.total is None else self.total + term
+        self.count += weight
+
+    def avg(self) -> float:
+        """The weighted mean as a Python float (0.0 before any update)."""
+        return float(self.total) / self.count if self.total is not None and self.count else 0.0
 
 
 # ---------------------------------------------------------------------------------------------- deployed student
@@ -180,14 +326,33 @@ class LetKDStudent(nn.Module):
         self.backbone = backbone
         self.kd_layers = nn.ModuleDict(kd_layers)
         self.scores: dict[str, Tensor] = {}
+        self.folded = False               # fold_bn() was called: inference only
         sites = kd_sites(model_name, tuple(kd_layers))
         for role in ROLES:   # forward order: on a shared tensor the intermediate layer runs first
             if role in kd_layers:
                 attach(backbone, sites[role], partial(self._through_kd_layer, role))
 
     def _through_kd_layer(self, role: str, feature: Tensor) -> Tensor:
-        feature_hat, self.scores[role] = self.kd_layers[role](feature)
+        feature_hat, scores = self.kd_layers[role](feature)
+        if scores is not None:            # a folded layer gives none
+            self.scores[role] = scores
         return feature_hat
+
+    def fold_bn(self) -> 'LetKDStudent':
+        """Fold each KD layer's BN into its predictor for inference (``KDLayer.fold_bn``): same logits,
+        faster; puts the network in eval mode, after which it is for inference only (no scores, no
+        training, and its state_dict is not the checkpoint's: load weights first, then fold)."""
+        self.eval()
+        for role, layer in list(self.kd_layers.items()):
+            if isinstance(layer, KDLayer):
+                self.kd_layers[role] = layer.fold_bn()
+        self.folded = True
+        return self
+
+    def train(self, mode: bool = True) -> 'LetKDStudent':
+        if mode and self.folded:
+            raise RuntimeError('a letKD student with folded KD layers is for inference only')
+        return super().train(mode)
 
     def forward(self, x: Tensor, is_feat: bool = False, preact: bool = False) -> Any:
         if preact:
@@ -279,7 +444,7 @@ class QuantizedKD(Distiller):
                                                      getattr(opt, self.tau_flag))
         self.quantizers = nn.ModuleDict(quantizers)
         self.kl_weight = self.beta
-        self.meters: dict[str, AverageMeter] = {}
+        self.meters: dict[str, DeviceMeter] = {}
 
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
         """Load the teacher's quantizers from ``<cache_dir>/letkd/``, building the missing ones first
@@ -318,29 +483,34 @@ class QuantizedKD(Distiller):
         losses = self.logit_losses(logit_s, logit_t, target)
         for role in self.roles:
             height, width = maps[role].shape[2:]
-            labels = target.repeat_interleave(height * width)
-            p_t, hard = self.quantizers[role](flatten_positions(maps[role]), labels)
+            labels = target.view(-1, 1).expand(-1, height * width).reshape(-1)   # one label per position
+            targets = self.quantizers[role].targets(flatten_positions(maps[role]), labels)
             s = flatten_positions(scores[role])
-            kl = position_kl(s, p_t)
+            with torch.autocast(s.device.type, enabled=False):          # targets and KL in fp32
+                kl = position_kl_lse(s, targets.probs, targets.neg_entropy)
             losses[f'kl_{role}'] = self.kl_weight * kl
-            self._record(role, kl, s, p_t, hard)
+            self._record(role, kl, s, targets.probs, targets.hard)
         return losses
 
     @torch.no_grad()
     def _record(self, role: str, kl: Tensor, scores: Tensor, target: Tensor, hard: Tensor) -> None:
+        """Add this batch's metrics to device-side sums (no host sync); ``epoch_metrics`` reads them."""
         n = scores.shape[0]
-        histogram = torch.bincount(hard, minlength=target.shape[1]).float() / n
-        values = {
-            f'kl_{role}': (kl.item(), n),
-            f'agree_{role}': ((scores.argmax(1) == target.argmax(1)).float().mean().item() * 100.0, n),
-            f'perplexity_{role}': (torch.special.entr(histogram).sum().exp().item(), 1),
-            f'teacher_maxprob_{role}': (target.max(1).values.mean().item(), n),
+        # scatter-add, not bincount: CUDA's bincount reads the input's max on the host
+        histogram = torch.zeros(target.shape[1], device=hard.device).index_add_(
+            0, hard, torch.ones(n, device=hard.device)) / n
+        values = {   # name -> (batch value as a 0-dim tensor, its weight)
+            f'kl_{role}': (kl.detach().float(), n),
+            f'agree_{role}': ((scores.argmax(1) == target.argmax(1)).float().mean() * 100.0, n),
+            f'perplexity_{role}': (torch.special.entr(histogram).sum().exp(), 1),
+            f'teacher_maxprob_{role}': (target.max(1).values.float().mean(), n),
         }
         for name, (value, weight) in values.items():
-            self.meters.setdefault(name, AverageMeter()).update(value, weight)
+            self.meters.setdefault(name, DeviceMeter()).update(value, weight)
 
     def epoch_metrics(self) -> dict[str, float]:
-        metrics = {name: meter.avg for name, meter in self.meters.items()}
+        """The epoch's weighted means (one host read per metric, here only) and a reset."""
+        metrics = {name: meter.avg() for name, meter in self.meters.items()}
         self.meters = {}
         return metrics
 

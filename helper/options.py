@@ -62,6 +62,50 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                    help="separator in student folder names (RepDistiller's ':'; '~' is Windows-safe)")
 
 
+    g = parser.add_argument_group('fast path (changes speed, not the method; README "Speed")')
+    g.add_argument('--fast', action='store_true',
+                   help='the sync-free training loop with --device_data --tf32 --channels_last --compile default '
+                        '(bf16 only with --amp bf16); each part can be switched off, e.g. --compile none')
+    g.add_argument('--device_data', action=argparse.BooleanOptionalAction, default=None,
+                   help='training and test data resident on the device, augmented there (cifar100, '
+                        'tinyimagenet, digits)')
+    g.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=None,
+                   help='TF32 for CUDA matmuls and convolutions (no effect on CPU)')
+    g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
+                   help='channels_last memory format for models and images')
+    g.add_argument('--compile', type=str, default=None, choices=COMPILE_MODES,
+                   help='torch.compile the training step (forward, losses and their backward); reduce-overhead '
+                        '= CUDA graphs, CUDA only; default: default with --fast, else none')
+    g.add_argument('--amp', type=str, default='none', choices=AMP_MODES,
+                   help='bf16: torch.autocast(bfloat16) around the training forward (CPU and CUDA)')
+
+
+COMPILE_MODES = ('none', 'default', 'reduce-overhead')
+AMP_MODES = ('none', 'bf16')
+# fast-path options: any of them selects the sync-free loop (helper/loops.py FastTrainer)
+FAST_OPTIONS = ('device_data', 'tf32', 'channels_last', 'compile', 'amp')
+
+
+def resolve_fast(opt: argparse.Namespace) -> dict[str, Any]:
+    """The fast-path flags resolved: --fast turns on device data, TF32, channels_last and compile unless
+    a finer flag says otherwise; ``fast_loop`` is True when --fast or any fast option is on. UserError for
+    device data on ImageNet."""
+    fast = bool(getattr(opt, 'fast', False))
+    values: dict[str, Any] = {}
+    for flag in ('device_data', 'tf32', 'channels_last'):
+        value = getattr(opt, flag, None)
+        values[flag] = fast if value is None else bool(value)
+    compile_mode = getattr(opt, 'compile', None)
+    values['compile'] = ('default' if fast else 'none') if compile_mode is None else compile_mode
+    values['amp'] = getattr(opt, 'amp', None) or 'none'
+    values['fast_loop'] = fast or values['device_data'] or values['tf32'] or values['channels_last'] \
+        or values['compile'] != 'none' or values['amp'] != 'none'
+    if values['device_data'] and opt.dataset == 'imagenet':
+        raise UserError("--device_data (part of --fast) supports cifar100, tinyimagenet and digits, not imagenet; "
+                        "pass --no-device_data")
+    return values
+
+
 class ResolvedOptions(argparse.Namespace):
     """The options of a run after resolution: read-only, so no module writes into them afterwards."""
 
@@ -108,6 +152,7 @@ def resolve_common(opt: argparse.Namespace, model_name: str) -> argparse.Namespa
         if value is not None and not tiny:
             raise UserError(f"--{flag} applies to --dataset tinyimagenet only, not {opt.dataset}")
         values[flag] = (value or default) if tiny else None
+    values.update(resolve_fast(opt))
     return updated(opt, **values)
 
 

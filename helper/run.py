@@ -29,7 +29,8 @@ from torch.utils.tensorboard import SummaryWriter
 from dataset import set_epoch
 from distiller_zoo.base import Distiller
 from helper.errors import UserError
-from helper.loops import LossNotFinite, train_one_epoch, validate
+from helper.loops import (FastOptions, FastTrainer, LossNotFinite, configure_fast_path, train_one_epoch,
+                          train_one_epoch_fast, validate)
 from helper.util import (count_macs, count_params, device_name, git_sha, load_checkpoint, lr_at_epoch, rng_state,
                          save_checkpoint, save_json, set_lr, set_rng_state)
 
@@ -74,6 +75,8 @@ class RunConfig:
     print_freq: int = 100
     resume: bool = False
     summary_extra: dict[str, Any] = field(default_factory=dict)
+    fast_loop: bool = False          # the sync-free loop (helper/loops.py FastTrainer) with the options below
+    fast: FastOptions = field(default_factory=FastOptions)
 
     @classmethod
     def from_opt(cls, opt: Any, run_dir: Path, model_name: str, summary_extra: dict[str, Any]) -> 'RunConfig':
@@ -82,7 +85,8 @@ class RunConfig:
                    lr_decay_epochs=opt.lr_decay_epochs, lr_decay_rate=opt.lr_decay_rate,
                    weight_decay=opt.weight_decay, momentum=opt.momentum, nesterov=opt.nesterov, seed=opt.seed,
                    save_freq=opt.save_freq, print_freq=opt.print_freq, resume=opt.resume,
-                   summary_extra=summary_extra)
+                   summary_extra=summary_extra, fast_loop=bool(getattr(opt, 'fast_loop', False)),
+                   fast=FastOptions.from_opt(opt))
 
 
 def build_optimizer(distiller: Distiller, cfg: RunConfig) -> torch.optim.SGD:
@@ -126,7 +130,10 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
     Returns the summary dictionary that is also written to ``summary.json``.
     """
     run_dir = cfg.run_dir
+    if cfg.fast_loop:
+        configure_fast_path(distiller, device, cfg.fast)   # before the optimizer: channels_last weights
     optimizer = build_optimizer(distiller, cfg)
+    trainer = FastTrainer(distiller, optimizer, device, cfg.fast) if cfg.fast_loop else None
     start_epoch, best_acc, best_epoch, wall_time = 1, -1.0, 0, 0.0
     # model selection on a separate val split (None: selection = the test split, RepDistiller's way)
     test_loader = getattr(data, 'test_loader', None)
@@ -167,8 +174,12 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
             set_lr(optimizer, lr)
             set_epoch(data, epoch, cfg.seed)
             try:
-                train_stats = train_one_epoch(distiller, data.train_loader, optimizer, epoch=epoch, device=device,
-                                              print_freq=cfg.print_freq)
+                if trainer is not None:
+                    train_stats = train_one_epoch_fast(trainer, data.train_loader, epoch=epoch,
+                                                       print_freq=cfg.print_freq)
+                else:
+                    train_stats = train_one_epoch(distiller, data.train_loader, optimizer, epoch=epoch,
+                                                  device=device, print_freq=cfg.print_freq)
             except LossNotFinite as err:
                 raise LossNotFinite(f"{err}; stopped: {run_dir / LAST} keeps epoch {epoch - 1}, continue with "
                                     f"--resume and a smaller --learning_rate (now {cfg.learning_rate:g})",

@@ -4,6 +4,7 @@
     python scripts/commands.py distill --trials 5            # every Table-1 method x pair
     python scripts/commands.py tinyimagenet --trials 3       # Table 3: teachers, students, methods
     python scripts/commands.py distill --methods letKD-2 KD --pairs resnet56:resnet20
+    python scripts/commands.py distill --fast                # every run on the fast path (or --extra "--fast")
 
 A line '# barrier' separates stages that depend on each other (teachers before their students);
 scripts/launch.py finishes a stage before starting the next.
@@ -77,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--save_dir', default='./save')
     parser.add_argument('--data_folder', default='./data')
     parser.add_argument('--extra', default='', help='flags appended to every command, e.g. "--epochs 1"')
+    parser.add_argument('--fast', action='store_true',
+                        help='append --fast (the fast path, README "Speed") to every command; the same as --extra --fast')
     args = parser.parse_args(argv)
+    if args.fast:
+        args.extra = f'{args.extra} --fast'.strip()
     for label in args.methods or []:
         if label not in METHODS:
             parser.error(f'unknown method label {label!r}')
