@@ -144,8 +144,9 @@ def metrics_without_time(run_dir):
 
 def assert_same_state(resumed, uninterrupted, path='last.pth'):
     """Every tensor of ``resumed`` equals the one at the same place in ``uninterrupted`` (integer tensors such as
-    RNG states bit for bit; floating ones to float32 rounding, since the two runs may sum in another thread
-    order: the uninterrupted run is a launcher child, the killed one runs in this process); other values are
+    RNG states bit for bit; floating ones to float32 rounding accumulated over an epoch (rtol 1e-4), since the
+    two runs may sum in another thread order: the uninterrupted run is a launcher child, the killed one runs
+    in this process); other values are
     equal. The path of the first difference is in the message."""
     import torch
     if isinstance(uninterrupted, dict):
@@ -158,7 +159,7 @@ def assert_same_state(resumed, uninterrupted, path='last.pth'):
             assert_same_state(a, b, f'{path}[{i}]')
     elif isinstance(uninterrupted, torch.Tensor):
         assert isinstance(resumed, torch.Tensor) and resumed.dtype == uninterrupted.dtype, path
-        same = (torch.allclose(resumed, uninterrupted, rtol=1e-5, atol=1e-7) if uninterrupted.is_floating_point()
+        same = (torch.allclose(resumed, uninterrupted, rtol=1e-4, atol=1e-6) if uninterrupted.is_floating_point()
                 else torch.equal(resumed, uninterrupted))
         assert same, f'{path} differs between the resumed and the uninterrupted run'
     else:
@@ -215,7 +216,8 @@ def test_launcher_runs_skips_and_resumes(tmp_path, cifar, monkeypatch):
     resumed_metrics = metrics_without_time(student_dir)
     assert [sorted(m) for m in resumed_metrics] == [sorted(m) for m in metrics]
     for got, expected in zip(resumed_metrics, metrics):
-        assert got == pytest.approx(expected, rel=1e-6, abs=1e-9), (got, expected)
+        # rel 1e-4: float rounding only (measured up to 3e-6 after an epoch); a broken resume differs by ~3e-3
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-9), (got, expected)
     resumed_last = torch.load(student_dir / 'last.pth', weights_only=True)
     assert resumed_last['epoch'] == 2
     drop = ('wall_time_s',)
