@@ -131,12 +131,16 @@ def test_distiller_losses_are_fp32_and_match_under_autocast():
 
 def test_the_distance_gemm_runs_in_fp64_on_cuda_when_tf32_may_round(monkeypatch):
     cuda, cpu = torch.device('cuda'), torch.device('cpu')
-    if torch.backends.cuda.matmul.allow_tf32:
-        pytest.skip('TF32 matmuls are switched on in this process')
-    monkeypatch.setattr(torch, 'get_float32_matmul_precision', lambda: 'highest')
-    assert _fp32_logits_dtype(cuda) == torch.float32
-    monkeypatch.setattr(torch, 'get_float32_matmul_precision', lambda: 'high')     # the fast path's TF32
-    assert _fp32_logits_dtype(cuda) == torch.float64 and _fp32_logits_dtype(cpu) == torch.float32
+    # an earlier fast-path test may have switched TF32 on for the process: this test decides with it off
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        monkeypatch.setattr(torch, 'get_float32_matmul_precision', lambda: 'highest')
+        assert _fp32_logits_dtype(cuda) == torch.float32
+        monkeypatch.setattr(torch, 'get_float32_matmul_precision', lambda: 'high')     # the fast path's TF32
+        assert _fp32_logits_dtype(cuda) == torch.float64 and _fp32_logits_dtype(cpu) == torch.float32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 # ---------------------------------------------------------------------------------------------- folded BN
