@@ -49,3 +49,19 @@ def vanilla_teacher(tmp_path_factory: pytest.TempPathFactory):
         return made[name]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_numerics():
+    """Runs in this process must not inherit another test's process-wide numerics: the fast path sets the
+    float32 matmul precision and TF32 flags, --deterministic switches deterministic algorithms on, some tests
+    change the thread count. Each test starts from the state the session started with."""
+    import torch
+    state = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    yield
+    torch.set_float32_matmul_precision(state[0])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = state[1], state[2]
+    torch.use_deterministic_algorithms(state[3])
+    if torch.get_num_threads() != state[4]:
+        torch.set_num_threads(state[4])
