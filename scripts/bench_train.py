@@ -6,7 +6,7 @@
 
 For every method and configuration it prints ms/step (median over --repeats blocks of --steps steps, each block
 ending in one sync, warm-up and compilation excluded), images/s, the speed-up over the reference, host syncs per
-step (tests/sync_counter.py over one non-print step; a compiled step is counted through its eager twin, the
+step (helper/sync_counter.py over one non-print step; a compiled step is counted through its eager twin, the
 same aten ops) and peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the peak RSS of the process,
 interpreter and libraries included). Each (method, configuration) runs in a fresh subprocess so peaks and
 compile caches do not leak between rows. The teacher is randomly initialised: speed does not depend on
@@ -127,7 +127,7 @@ def count_syncs(step: Any, batches: Iterator[Any], *, device_data: bool, twin: A
     """Host syncs of one non-print step. The reference loaders' CPU-side work (PIL, worker collation) never
     waits for the device, so their batch is fetched outside the count; a device loader's is counted. A
     compiled step is counted through ``twin``, its eager FastTrainer (the same aten ops)."""
-    from tests.sync_counter import SyncCounter
+    from helper.sync_counter import SyncCounter
     run = step
     if twin is not None:
         twin.reset(1, 10 ** 9)

@@ -24,7 +24,7 @@ from helper.loops import (FastOptions, FastTrainer, LossNotFinite, configure_fas
 from models import create_model
 from tests.fixtures_data import write_cifar100, write_tinyimagenet
 from tests.options import student_options
-from tests.sync_counter import SyncCounter
+from helper.sync_counter import SyncCounter
 
 CPU = torch.device('cpu')
 

@@ -28,6 +28,7 @@ from helper.errors import UserError
 from models import create_model
 from models.util import Connector, ConvReg, Embed, LinearEmbed, Paraphraser, Translator
 from tests.options import data_info, student_options
+from tests.fixtures_data import one_intra_op_thread
 
 METHODS = ['hint', 'attention', 'similarity', 'correlation', 'vid', 'rkd', 'pkt', 'abound', 'factor', 'fsp', 'nst',
            'kdsvd']
@@ -424,10 +425,8 @@ def test_feature_indices_follow_repdistiller():
 @pytest.fixture
 def one_thread():
     """Small convolutions run several times faster on one intra-op thread when the CPUs are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_intra_op_thread():
+        yield
 
 
 def _recorder(module):

@@ -18,6 +18,7 @@ import torchvision
 from models.imagenet import IMAGENET_MODELS
 from models.mobilenetv1 import MobileNetV1
 from models.resnet_imagenet import ImageNetResNet
+from tests.fixtures_data import one_intra_op_thread
 
 RESNETS = ['ResNet18', 'ResNet34', 'ResNet50']
 NAMES = RESNETS + ['MobileNetV1']
@@ -43,10 +44,8 @@ LETKD_SITES = {'ResNet18': ('layer4.0', 'layer4'), 'ResNet34': ('layer4.0', 'lay
 @pytest.fixture(scope='module', autouse=True)
 def single_thread_and_cleanup() -> Iterator[None]:
     """One intra-op thread (shared CPUs); drop the cached models afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_intra_op_thread():
+        yield
     ours.cache_clear()
     outputs.cache_clear()
 

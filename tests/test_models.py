@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from helper.errors import UserError
 from models import MODEL_FACTS, create_model, feature_channels, model_dict, model_facts, tap
 from models._common import ShuffleBlock
+from tests.fixtures_data import one_intra_op_thread
 
 RESNET_FEATS = [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8), (64,)]
 RESNET_X4_FEATS = [(32, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8), (256,)]
@@ -70,10 +71,8 @@ def single_thread_and_cleanup() -> Iterator[None]:
     """Batch-2 forwards gain nothing from threads, and intra-op threads slow down badly when the
     CPUs are shared with other jobs. Afterwards the thread setting is restored and the cached
     models are dropped, so later test modules don't carry them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_intra_op_thread():
+        yield
     outputs.cache_clear()
     built.cache_clear()
 

@@ -8,55 +8,23 @@ one-time state and print it (CRD's normalisers Z), as a print step may.
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from distiller_zoo import DISTILLERS, build_distiller
 from models import create_model
+from helper.sync_counter import SyncCounter
 from tests.fixtures_data import load_random_quantizers
 from tests.options import data_info, student_options
 
-# aten ops whose result the host must read (each is a device -> host round trip on CUDA)
-SYNCING_OPS = {'_local_scalar_dense', 'item', 'nonzero', 'nonzero_static', 'equal', 'is_nonzero',
-               'masked_select', 'unique', '_unique', '_unique2', 'unique_dim', 'unique_consecutive'}
-
-# aten ops that sync inside their CUDA kernel, where a dispatch mode on CPU tensors cannot see the read:
-# linalg's SVD checks cusolver's info on the host (torch.linalg.svd's documentation: "When inputs are on
-# a CUDA device, this function synchronizes that device with the CPU"); CUDA's bincount/histc read the
-# input's range on the host to size their output
-CUDA_SYNCING_OPS = {'_linalg_svd', 'linalg_svd', '_linalg_eigh', 'linalg_eig', 'bincount', 'histc'}
-
 # methods that cannot avoid a sync in a training step, and the ops that are allowed to sync there
 UNAVOIDABLE: dict[str, set[str]] = {
-    'kdsvd': {'_linalg_svd'},    # KDSVD's loss is built on the SVD of the feature maps (one per stage)
+    'kdsvd': {'aten._linalg_svd'},    # KDSVD's loss is built on the SVD of the feature maps (one per stage)
 }
 
 NUM_CLASSES, N_DATA, BATCH = 10, 40, 4
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts the syncing aten ops (and copies from a non-CPU device to the CPU) that run inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        out = func(*args, **kwargs)
-        if name in SYNCING_OPS or name in CUDA_SYNCING_OPS:
-            self.counts[name] += 1
-        elif name in ('_to_copy', 'copy_'):
-            source = args[1] if name == 'copy_' else args[0]
-            target = args[0] if name == 'copy_' else out
-            if isinstance(source, torch.Tensor) and source.device.type != 'cpu' and target.device.type == 'cpu':
-                self.counts['device_to_host_copy'] += 1
-        return out
 
 
 def build(method: str) -> Any:
@@ -88,7 +56,8 @@ def training_step(distiller: Any, seed: int) -> None:
 
 def test_the_counter_sees_the_syncs_it_is_meant_to_see():
     x = torch.randn(5)
-    with SyncCounter() as counter:
+    with SyncCounter(kernel_syncs=True) as counter:
+        torch.linalg.svd(torch.randn(3, 3))
         torch.bincount(torch.tensor([0, 2, 2]), minlength=4)
         x.sum().item()
         if (x > 10).any():
@@ -96,18 +65,19 @@ def test_the_counter_sees_the_syncs_it_is_meant_to_see():
         torch.nonzero(x > 0)
         torch.equal(x, x)
         float(x.max())
-    assert counter.counts['_local_scalar_dense'] >= 3
-    assert counter.counts['nonzero'] == 1 and counter.counts['equal'] == 1 and counter.counts['bincount'] == 1
+    ops = counter.ops
+    assert ops['aten._local_scalar_dense'] >= 3 and ops['aten._linalg_svd'] == 1
+    assert ops['aten.nonzero'] == 1 and ops['aten.equal'] == 1 and ops['aten.bincount'] == 1
 
 
 @pytest.mark.parametrize('method', sorted(DISTILLERS))
 def test_a_training_step_does_not_sync(method):
     distiller = build(method)
     training_step(distiller, seed=0)            # the first step may fix one-time state (CRD's Z) and print it
-    with SyncCounter() as counter:
+    with SyncCounter(kernel_syncs=True) as counter:
         training_step(distiller, seed=1)
     allowed = UNAVOIDABLE.get(method, set())
-    assert set(counter.counts) == allowed, f'{method} syncs in a training step: {dict(counter.counts)}'
+    assert set(counter.ops) == allowed, f'{method} syncs in a training step: {counter.summary()}'
     distiller.epoch_metrics()                    # the epoch end may sync; it still works after the step
 
 

@@ -18,6 +18,7 @@ import torch
 import helper.run as run_module
 import train_student
 from helper.util import load_checkpoint
+from tests.fixtures_data import one_intra_op_thread
 
 FAST = ['--num_workers', '0', '--batch_size', '32', '--device', 'cpu', '--print_freq', '1000', '--seed', '5',
         '--lr_decay_epochs', '1']          # the lr changes after epoch 1, so a resumed epoch must pick the right one
@@ -35,10 +36,8 @@ CASES = {
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
     """Small convolutions run several times faster on one intra-op thread when the CPUs are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_intra_op_thread():
+        yield
 
 
 class DiesAfterFirstBatch:

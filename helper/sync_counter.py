@@ -13,6 +13,9 @@ Counted, on any device (so CPU tests see what would stall a GPU):
 - the Python methods ``Tensor.tolist``, ``Tensor.numpy`` and ``Tensor.cpu``, which read device memory on a GPU
   but never reach the dispatcher for CPU tensors (so they are patched for the duration of the block).
 
+With ``kernel_syncs=True`` it also counts the ops that sync inside their CUDA kernel, invisible on CPU tensors:
+linalg's SVD / eigen-decompositions (cuSOLVER's info is checked on the host) and ``histc`` (its range is read).
+
 Not seen: code that a compiled graph (torch.compile / inductor) runs without dispatching aten ops; count an
 eager step. A dispatch mode is thread-local: work in other threads is not counted.
 """
@@ -32,6 +35,7 @@ SYNC_OPS = {
     _aten.repeat_interleave.Tensor,
 }
 SYNC_PACKETS = {op.overloadpacket for op in SYNC_OPS}
+KERNEL_SYNC_PACKETS = {_aten._linalg_svd, _aten.linalg_svd, _aten._linalg_eigh, _aten.linalg_eig, _aten.histc}
 PATCHED_METHODS = ('tolist', 'numpy', 'cpu')
 
 
@@ -48,8 +52,9 @@ def _devices(values: Any) -> set[str]:
 class SyncCounter(TorchDispatchMode):
     """A dispatch mode (plus a few patched Tensor methods) counting host syncs; ``count``, ``ops``, ``summary()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel_syncs: bool = False) -> None:
         super().__init__()
+        self.kernel_syncs = kernel_syncs
         self.ops: Counter[str] = Counter()
         self._saved: dict[str, Any] = {}
 
@@ -64,7 +69,9 @@ class SyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in SYNC_OPS or func.overloadpacket in SYNC_PACKETS:
+        if self.kernel_syncs and func.overloadpacket in KERNEL_SYNC_PACKETS:
+            self.ops[str(func.overloadpacket)] += 1
+        elif func in SYNC_OPS or func.overloadpacket in SYNC_PACKETS:
             if not (func.overloadpacket is _aten.repeat_interleave and kwargs.get('output_size') is not None):
                 self.ops[str(func.overloadpacket)] += 1
         elif func.overloadpacket in (_aten._to_copy, _aten.copy_):
