@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from helper import distributed
 from models.util import Normalize
 
 # layout of the ``params`` buffer (RepDistiller's): K, T, Z_v1, Z_v2, momentum; Z < 0 means "not fixed yet"
@@ -55,14 +56,16 @@ class ContrastMemory(nn.Module):
         return torch.exp(torch.bmm(rows, anchor.view(batch, dim, 1)) / self.params[_T].item())
 
     def _normalised(self, out: Tensor, slot: int, name: str) -> Tensor:
-        if self.params[slot].item() < 0:
-            self.params[slot] = out.mean().detach() * self.n_data
+        if self.params[slot].item() < 0:  # under torchrun: the mean over all ranks' first batches
+            self.params[slot] = distributed.mean_over_ranks(out.mean().detach()) * self.n_data
             print(f'normalization constant {name} is set to {self.params[slot].item():.1f}', flush=True)
         return out / self.params[slot].item()
 
     @torch.no_grad()
     def _update(self, memory: Tensor, y: Tensor, v: Tensor) -> None:
         momentum = self.params[_MOMENTUM].item()
+        # under torchrun every rank applies every rank's batch, so all ranks keep an identical bank
+        y, v = distributed.all_gather_cat(y), distributed.all_gather_cat(v.detach())
         rows = memory.index_select(0, y).mul_(momentum).add_(v.detach() * (1 - momentum))
         memory.index_copy_(0, y, self.l2norm(rows))
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distiller_zoo.base import Distiller
+from helper import distributed
 from helper.errors import UserError
 from helper.util import AverageMeter, accuracy
 from helper.util import progress as progress_bar
@@ -48,10 +49,11 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
     n_batches = len(loader)
     bar = progress_bar(loader, f'epoch {epoch}', n_batches, progress)
     end = time.time()
+    forward_train = distributed.forward_train_of(distiller)  # inside DistributedDataParallel under torchrun
     for idx, batch in enumerate(bar):
         image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         extras = {name: t.to(device, non_blocking=True) for name, t in zip(EXTRA_NAMES, batch[2:])}
-        logits, losses = distiller.forward_train(image, target, epoch=epoch, **extras)
+        logits, losses = forward_train(image, target, epoch=epoch, **extras)
         loss = sum(losses.values())
         if not torch.isfinite(loss):  # a host sync per step; a later fast path checks on the device
             terms = ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())
@@ -77,6 +79,8 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
         else:
             bar.set_postfix(loss=f'{total.avg:.3f}', acc=f'{top1.avg:.2f}')
     bar.close()
+    distributed.all_reduce_meters(top1, top5, total, *meters.values())  # epoch values over all ranks' images
+    distributed.sync_batchnorm_stats(distiller)
     stats = {'train_loss': total.avg, 'train_acc': top1.avg, 'train_acc_top5': top5.avg}
     stats.update({f'loss_{name}': m.avg for name, m in meters.items()})
     return stats
@@ -98,4 +102,5 @@ def validate(model: nn.Module, loader: Iterable, device: torch.device, *,
         top5.update(acc5, n)
         losses.update(F.cross_entropy(logits, target).item(), n)
     model.train(was_training)
-    return {'acc': top1.avg, 'acc_top5': top5.avg, 'loss': losses.avg}
+    distributed.all_reduce_meters(top1, top5, losses)  # each rank saw its own images of the split, none twice
+    return {'acc': top1.avg, 'acc_top5': top5.avg, 'loss': losses.avg, 'images': top1.count}
