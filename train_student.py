@@ -35,9 +35,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     """The student CLI's flags: models and weights here, each method's own flags from its file (registry)."""
     parser = argparse.ArgumentParser(description='Distil a teacher into a student.')
     g = parser.add_argument_group('models and method')
-    g.add_argument('--model_s', type=str, default='resnet8', help=f"student; one of: {', '.join(model_names())} (with --dataset imagenet "
+    g.add_argument('--model_s', type=str, default='resnet8',
+                   help=f"student; one of: {', '.join(model_names())} (with --dataset imagenet "
                    "ResNet18/34/50 and MobileNetV1 are the ImageNet architectures)")
-    g.add_argument('--path_t', type=str, default=None, help='teacher checkpoint ({"model": state_dict, ...}), or torchvision:ResNet18/34/50 for '
+    g.add_argument('--path_t', type=str, default=None,
+                   help='teacher checkpoint ({"model": state_dict, ...}), or torchvision:ResNet18/34/50 for '
                         "torchvision's IMAGENET1K_V1 weights (--dataset imagenet)")
     g.add_argument('--model_t', type=str, default=None,
                    help="teacher architecture; default: parsed from --path_t's folder name as RepDistiller does")

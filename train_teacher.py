@@ -25,7 +25,8 @@ from models import create_model, model_names
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Train a teacher (or any model) with cross-entropy.')
-    parser.add_argument('--model', type=str, default='resnet110', help=f"one of: {', '.join(model_names())} (with --dataset imagenet ResNet18/34/50 and "
+    parser.add_argument('--model', type=str, default='resnet110',
+                        help=f"one of: {', '.join(model_names())} (with --dataset imagenet ResNet18/34/50 and "
                         "MobileNetV1 are the ImageNet architectures)")
     parser.add_argument('-t', '--trial', type=str, default='0', help='experiment id (folder name, default seed)')
     add_common_arguments(parser)

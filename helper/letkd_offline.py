@@ -112,7 +112,8 @@ def kd_sites(model_name: str, roles: tuple[str, ...] = ROLES, dataset: str | Non
 
 
 def pair_shapes(student: nn.Module, teacher: nn.Module, model_s: str, model_t: str, roles: tuple[str, ...],
-                image_size: int, dataset: str | None = None) -> tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int, int]]]:
+                image_size: int, dataset: str | None = None
+                ) -> tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int, int]]]:
     """(student, teacher) site shapes; UserError when a teacher map is smaller than the student's
     (the teacher is average-pooled down to the student's size, never up)."""
     shapes_s = site_shapes(student, kd_sites(model_s, roles, dataset), image_size)
