@@ -49,6 +49,7 @@ from dataset import DATASETS, get_dataloaders
 from helper.errors import UserError
 from helper.options import run_cli, teacher_name_from_path
 from helper.teachers import is_torchvision_teacher, teacher_identity
+from helper.util import file_sha256  # noqa: F401  (tests read the file identity from here)
 from helper.util import load_checkpoint, load_teacher, progress, resolve_device, save_checkpoint
 from models import Site, create_model, model_facts, model_names, site_shapes, tap
 
