@@ -72,5 +72,8 @@ def teacher_identity(path_t: str | os.PathLike) -> str:
     if is_torchvision_teacher(path_t):
         url = torchvision_weights(torchvision_teacher_name(str(path_t))).url
         return hashlib.sha256(url.encode()).hexdigest()
-    from helper.util import file_sha256
-    return file_sha256(path_t)
+    digest = hashlib.sha256()  # as helper.util.file_sha256 (not imported: helper.util imports this module)
+    with open(path_t, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
