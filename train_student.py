@@ -16,13 +16,15 @@ from pathlib import Path
 from dataset import get_dataloaders
 from dataset.device_data import device_bundle
 from distiller_zoo.registry import ALIASES, DISTILLERS, add_method_arguments, canonical_name
+from helper import distributed
 from helper.errors import UserError
 from helper.loops import validate
 from helper.options import (ResolvedOptions, add_common_arguments, data_options, freeze, resolve_common, run_cli,
                             student_folder_name, teacher_name_from_path, updated)
 from helper.run import RunConfig, check_run_dir, create_run_dir, fit
 from helper.util import count_params, load_teacher, resolve_device, save_json, seed_everything
-from models import create_model, model_dict
+from helper.teachers import is_torchvision_teacher, torchvision_teacher_name
+from models import create_model, model_names
 
 # CIFAR-100 top-1 of RepDistiller's published teachers (its README); used to flag a broken load.
 PUBLISHED_TEACHER_ACC = {'wrn_40_2': 75.61, 'resnet56': 72.34, 'resnet110': 74.31, 'resnet32x4': 79.42,
@@ -34,8 +36,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     """The student CLI's flags: models and weights here, each method's own flags from its file (registry)."""
     parser = argparse.ArgumentParser(description='Distil a teacher into a student.')
     g = parser.add_argument_group('models and method')
-    g.add_argument('--model_s', type=str, default='resnet8', help=f"student; one of: {', '.join(model_dict)}")
-    g.add_argument('--path_t', type=str, default=None, help='teacher checkpoint ({"model": state_dict, ...})')
+    g.add_argument('--model_s', type=str, default='resnet8',
+                   help=f"student; one of: {', '.join(model_names())} (with --dataset imagenet "
+                   "ResNet18/34/50 and MobileNetV1 are the ImageNet architectures)")
+    g.add_argument('--path_t', type=str, default=None,
+                   help='teacher checkpoint ({"model": state_dict, ...}), or torchvision:ResNet18/34/50 for '
+                        "torchvision's IMAGENET1K_V1 weights (--dataset imagenet)")
     g.add_argument('--model_t', type=str, default=None,
                    help="teacher architecture; default: parsed from --path_t's folder name as RepDistiller does")
     g.add_argument('--distill', type=str, default='kd', help=f"one of: {', '.join(sorted(DISTILLERS) + sorted(ALIASES))}")
@@ -55,8 +61,8 @@ def resolve_options(parsed: argparse.Namespace) -> ResolvedOptions:
     the result is read-only and is what args.json records (with the data's facts)."""
     opt = updated(parsed, distill=canonical_name(parsed.distill))
     method = DISTILLERS[opt.distill]
-    if opt.model_s not in model_dict:
-        raise UserError(f"unknown --model_s {opt.model_s!r}; choose one of: {', '.join(model_dict)}")
+    if opt.model_s not in model_names():
+        raise UserError(f"unknown --model_s {opt.model_s!r}; choose one of: {', '.join(model_names())}")
     if not method.needs_teacher:
         opt = updated(opt, model_t=opt.model_t or 'none')
     elif opt.model_t is None and opt.path_t is not None:
@@ -79,11 +85,15 @@ def check_teacher(opt: argparse.Namespace) -> None:
     """The teacher checkpoint is given and exists, and its architecture is known (UserError otherwise)."""
     if opt.path_t is None:
         raise UserError(f"--distill {opt.distill} needs a teacher: pass --path_t")
-    if not Path(opt.path_t).is_file():
+    if is_torchvision_teacher(opt.path_t):
+        torchvision_teacher_name(opt.path_t)  # UserError for a name without weights
+        if opt.dataset != 'imagenet':
+            raise UserError(f"--path_t {opt.path_t} holds ImageNet weights; pass --dataset imagenet")
+    elif not Path(opt.path_t).is_file():
         raise UserError(f"teacher checkpoint not found: {opt.path_t}")
-    if opt.model_t not in model_dict:
+    if opt.model_t not in model_names():
         raise UserError(f"cannot use teacher architecture {opt.model_t!r} (from --model_t or the folder of "
-                        f"{opt.path_t}); pass --model_t with one of: {', '.join(model_dict)}")
+                        f"{opt.path_t}); pass --model_t with one of: {', '.join(model_names())}")
 
 
 def main(parsed: argparse.Namespace) -> dict:
@@ -93,21 +103,24 @@ def main(parsed: argparse.Namespace) -> dict:
     method = DISTILLERS[opt.distill]
     if method.needs_teacher:
         check_teacher(opt)
+    device = distributed.setup(resolve_device(opt.device))  # joins torchrun's process group, if any
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
-    device = resolve_device(opt.device)
+    distributed.barrier()  # every rank checked the folder before rank 0 writes into it
 
     seed_everything(opt.seed, opt.deterministic)
-    data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode=method.data_mode,
-                           pad_mode=opt.pad_mode, download=opt.download, seed=opt.seed, nce_k=opt.nce_k,
-                           crd_mode=opt.mode, pin_memory=device.type == 'cuda', **data_options(opt))
+    data = distributed.shard(get_dataloaders(
+        opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode=method.data_mode, pad_mode=opt.pad_mode,
+        download=opt.download, seed=opt.seed, nce_k=opt.nce_k, crd_mode=opt.mode, pin_memory=device.type == 'cuda',
+        **data_options(opt)), opt.seed)
     if opt.device_data:   # the fast path's data: on the device, augmented there (dataset/device_data.py)
         data = device_bundle(data, opt.dataset, device, mode=method.data_mode, pad_mode=opt.pad_mode,
                              augment=opt.tiny_aug, seed=opt.seed, channels_last=opt.channels_last)
     teacher = None
     if method.needs_teacher:
         print(f'==> loading teacher {opt.model_t} from {opt.path_t}')
-        teacher = load_teacher(opt.path_t, opt.model_t, data.num_classes, opt.trust_checkpoint).to(device)
-    student = create_model(opt.model_s, num_classes=data.num_classes).to(device)
+        teacher = load_teacher(opt.path_t, opt.model_t, data.num_classes, opt.trust_checkpoint,
+                               dataset=opt.dataset).to(device)
+    student = create_model(opt.model_s, num_classes=data.num_classes, dataset=opt.dataset).to(device)
     distiller = method(student, teacher, opt, data.info).to(device)
 
     teacher_acc = None
@@ -118,9 +131,12 @@ def main(parsed: argparse.Namespace) -> dict:
         if published is not None and abs(teacher_acc - published) > TEACHER_ACC_TOLERANCE:
             print(f'warning: teacher {opt.model_t} scores {teacher_acc:.2f}, the published checkpoint {published:.2f}; '
                   'check that this is the checkpoint you meant', file=sys.stderr)
-    distiller.prepare(data, device=device, cache_dir=str(Path(opt.save_dir) / 'cache'), resumed=opt.resume)
+    with distributed.main_first():  # rank 0 builds the caches, the others then load them
+        distiller.prepare(data, device=device, cache_dir=str(Path(opt.save_dir) / 'cache'), resumed=opt.resume)
 
-    create_run_dir(run_dir, overwrite=opt.overwrite)
+    if distributed.is_main():
+        create_run_dir(run_dir, overwrite=opt.overwrite)
+    distributed.barrier()
     if not opt.resume:
         save_json({**vars(opt), **asdict(data.info)}, run_dir / 'args.json')
     deployed = distiller.deployable()
@@ -129,7 +145,11 @@ def main(parsed: argparse.Namespace) -> dict:
     summary = {'distill': opt.distill, 'model_s': opt.model_s, 'model_t': opt.model_t, 'dataset': opt.dataset,
                'trial': opt.trial, 'gamma': opt.gamma, 'alpha': opt.alpha, 'beta': opt.beta, 'teacher_acc': teacher_acc}
     cfg = RunConfig.from_opt(opt, run_dir, opt.model_s, summary)
-    return fit(distiller, data, cfg, device)
+    distributed.wrap(distiller, device)  # DistributedDataParallel under torchrun
+    try:
+        return fit(distiller, data, cfg, device)
+    finally:
+        distributed.cleanup()
 
 
 def cli(argv: list[str] | None = None) -> int:

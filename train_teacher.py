@@ -15,17 +15,20 @@ from pathlib import Path
 from dataset import get_dataloaders
 from dataset.device_data import device_bundle
 from distiller_zoo.logit_kd import Vanilla
+from helper import distributed
 from helper.errors import UserError
 from helper.options import (ResolvedOptions, add_common_arguments, data_options, freeze, resolve_common, run_cli,
                             teacher_folder_name, updated)
 from helper.run import RunConfig, check_run_dir, create_run_dir, fit
 from helper.util import resolve_device, save_json, seed_everything
-from models import create_model, model_dict
+from models import create_model, model_names
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Train a teacher (or any model) with cross-entropy.')
-    parser.add_argument('--model', type=str, default='resnet110', help=f"one of: {', '.join(model_dict)}")
+    parser.add_argument('--model', type=str, default='resnet110',
+                        help=f"one of: {', '.join(model_names())} (with --dataset imagenet ResNet18/34/50 and "
+                        "MobileNetV1 are the ImageNet architectures)")
     parser.add_argument('-t', '--trial', type=str, default='0', help='experiment id (folder name, default seed)')
     add_common_arguments(parser)
     return parser
@@ -33,8 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_options(parsed: argparse.Namespace) -> ResolvedOptions:
     """The run's options, checked and complete (lr, seed; CE alone: -r 1 -a 0 -b 0); reads no file."""
-    if parsed.model not in model_dict:
-        raise UserError(f"unknown --model {parsed.model!r}; choose one of: {', '.join(model_dict)}")
+    if parsed.model not in model_names():
+        raise UserError(f"unknown --model {parsed.model!r}; choose one of: {', '.join(model_names())}")
     opt = resolve_common(parsed, parsed.model)
     return freeze(updated(opt, gamma=1.0, alpha=0.0, beta=0.0, kd_T=4.0))
 
@@ -53,27 +56,34 @@ def main(parsed: argparse.Namespace) -> dict:
     """Validate everything, then create the run folder and train. Returns the run summary."""
     opt = resolve_options(parsed)
     run_dir = run_folder(opt)
+    device = distributed.setup(resolve_device(opt.device))  # joins torchrun's process group, if any
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
-    device = resolve_device(opt.device)
+    distributed.barrier()  # every rank checked the folder before rank 0 writes into it
 
     seed_everything(opt.seed, opt.deterministic)
-    data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode='plain',
-                           pad_mode=opt.pad_mode, download=opt.download, seed=opt.seed,
-                           pin_memory=device.type == 'cuda', **data_options(opt))
+    data = distributed.shard(get_dataloaders(
+        opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode='plain', pad_mode=opt.pad_mode,
+        download=opt.download, seed=opt.seed, pin_memory=device.type == 'cuda', **data_options(opt)), opt.seed)
     if opt.device_data:   # the fast path's data: on the device, augmented there (dataset/device_data.py)
         data = device_bundle(data, opt.dataset, device, mode='plain', pad_mode=opt.pad_mode, augment=opt.tiny_aug,
                              seed=opt.seed, channels_last=opt.channels_last)
-    model = create_model(opt.model, num_classes=data.num_classes)
+    model = create_model(opt.model, num_classes=data.num_classes, dataset=opt.dataset)
     distiller = Vanilla(model, None, opt, data.info).to(device)
 
-    create_run_dir(run_dir, overwrite=opt.overwrite)
+    if distributed.is_main():
+        create_run_dir(run_dir, overwrite=opt.overwrite)
+    distributed.barrier()
     if not opt.resume:
         save_json({**vars(opt), **asdict(data.info)}, run_dir / 'args.json')
     print(f'==> training {opt.model} on {opt.dataset} ({data.n_data} images, {data.num_classes} classes) '
           f'on {device}; run folder {run_dir}')
     summary = {'distill': 'ce', 'model_s': opt.model, 'model_t': None, 'dataset': opt.dataset, 'trial': opt.trial}
     cfg = RunConfig.from_opt(opt, run_dir, opt.model, summary)
-    return fit(distiller, data, cfg, device)
+    distributed.wrap(distiller, device)  # DistributedDataParallel under torchrun
+    try:
+        return fit(distiller, data, cfg, device)
+    finally:
+        distributed.cleanup()
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from helper import distributed
 from models.util import Normalize
 
 # layout of the ``params`` buffer (RepDistiller's): K, T, Z_v1, Z_v2, momentum; Z < 0 means "not fixed yet"
@@ -60,13 +61,16 @@ class ContrastMemory(nn.Module):
 
     def _normalised(self, out: Tensor, slot: int, name: str) -> Tensor:
         if not self._z_checked and self.params[slot].item() < 0:     # the first call only (a host sync)
-            self.params[slot] = out.mean().detach() * self.n_data
+            # under torchrun: the mean over all ranks' first batches
+            self.params[slot] = distributed.mean_over_ranks(out.mean().detach()) * self.n_data
             print(f'normalization constant {name} is set to {self.params[slot].item():.1f}', flush=True)
         return out / self.params[slot].clone()     # a copy: autograd keeps it while Z_v2 is set in place
 
     @torch.no_grad()
     def _update(self, memory: Tensor, y: Tensor, v: Tensor) -> None:
         momentum = self.params[_MOMENTUM]          # a tensor: no host read
+        # under torchrun every rank applies every rank's batch, so all ranks keep an identical bank
+        y, v = distributed.all_gather_cat(y), distributed.all_gather_cat(v.detach())
         rows = memory.index_select(0, y).mul_(momentum).add_(v.detach() * (1 - momentum))
         memory.index_copy_(0, y, self.l2norm(rows))
 

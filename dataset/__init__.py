@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from helper.errors import UserError
 
@@ -78,14 +79,20 @@ def _check_name(dataset: str) -> None:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
-def get_transforms(dataset: str, pad_mode: str = "zero", augment: str | None = None) -> tuple[Callable, Callable]:
+def get_transforms(dataset: str, pad_mode: str = "zero", augment: str | None = None,
+                   crop_size: int | None = None) -> tuple[Callable, Callable]:
     """(train_transform, test_transform) of a dataset; both map a PIL image to a normalised (3, S, S) tensor.
 
     augment: Tiny-ImageNet only, 'rotate' (default, the letKD authors') or 'crop'; see tinyimagenet.train_transform.
+    crop_size: ImageNet only (default 224; test resize scaled as 256/224).
     """
     _check_name(dataset)
     torchvision_padding_mode(pad_mode)  # validates
     module = _MODULES[dataset]
+    if crop_size is not None:
+        if dataset != "imagenet":
+            raise ValueError(f"crop_size is an ImageNet option, not {dataset}'s")
+        return module.train_transform(pad_mode, crop_size), module.test_transform(crop_size)
     if dataset == "tinyimagenet":
         return module.train_transform(pad_mode, augment or "rotate"), module.test_transform()
     if augment is not None:
@@ -130,6 +137,8 @@ def get_dataloaders(
     drop_last: bool = False,
     augment: str | None = None,
     split: str = "val50",
+    crop_size: int | None = None,
+    persistent_workers: bool | None = None,
 ) -> DataBundle:
     """Build the train / val / train-eval loaders of `dataset` (see DataBundle for what they yield).
 
@@ -139,6 +148,8 @@ def get_dataloaders(
     batch (the letKD/QUEST protocol: 781 iterations per CIFAR-100 epoch at batch 64).
     augment, split: Tiny-ImageNet's augmentation ('rotate'/'crop') and evaluation split
     ('val50': one evaluation set; 'letkd': val_loader for selection and test_loader for reporting).
+    crop_size: ImageNet's crop (default 224). persistent_workers: keep worker processes between epochs
+    (default: on for ImageNet with workers, where starting them costs seconds; off elsewhere, as before).
     The train loader is seeded for epoch 0 here; call
     `set_epoch(bundle, epoch, seed)` before each epoch for reproducible, resumable runs.
     With num_workers=0 augmentation draws from the global torch RNG (seed it in the caller).
@@ -152,7 +163,7 @@ def get_dataloaders(
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if split != "val50" and dataset != "tinyimagenet":
         raise ValueError(f"split {split!r} is a Tiny-ImageNet option")
-    train_tf, test_tf = get_transforms(dataset, pad_mode, augment)
+    train_tf, test_tf = get_transforms(dataset, pad_mode, augment, crop_size)
     held_out = None
     if dataset == "tinyimagenet":
         train_set, test_set, held_out = tinyimagenet.get_tinyimagenet_datasets(data_folder, train_tf, test_tf, split)
@@ -172,16 +183,20 @@ def get_dataloaders(
 
     if test_batch_size is None:
         test_batch_size = max(1, batch_size // 2)
+    if persistent_workers is None:
+        persistent_workers = dataset == "imagenet"
     common = dict(pin_memory=pin_memory, worker_init_fn=seed_worker, persistent_workers=False)
-    train_loader = DataLoader(
+    train_loader = DataLoader(  # type: ignore[call-overload]
         train_items, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-        generator=torch.Generator(), drop_last=drop_last, **common,
+        generator=torch.Generator(), drop_last=drop_last,
+        **{**common, "persistent_workers": persistent_workers and num_workers > 0},
     )
     # the evaluation loaders get generators of their own: without one, each iteration draws its workers' base
     # seed from the global torch RNG, so an offline stage that reads train_eval_loader only when its cache is
     # missing would change the augmentation of the training run that follows
     evaluation = dict(batch_size=test_batch_size, shuffle=False, **common)
-    val_loader = DataLoader(test_set, num_workers=num_workers // 2, generator=torch.Generator(), **evaluation)
+    val_loader = DataLoader(test_set, num_workers=num_workers // 2, generator=torch.Generator(),  # type: ignore[call-overload]
+                            **{**evaluation, "persistent_workers": persistent_workers and num_workers // 2 > 0})
     test_loader = None if held_out is None else DataLoader(
         held_out, num_workers=num_workers // 2, generator=torch.Generator(), **evaluation)
     train_eval_loader = DataLoader(eval_set, num_workers=num_workers, generator=torch.Generator(), **evaluation)
@@ -191,7 +206,7 @@ def get_dataloaders(
         train_eval_loader=train_eval_loader,
         num_classes=len(train_set.classes),  # type: ignore[attr-defined]
         n_data=len(train_set),  # type: ignore[arg-type]
-        image_size=_MODULES[dataset].IMAGE_SIZE,
+        image_size=crop_size or _MODULES[dataset].IMAGE_SIZE,
         test_loader=test_loader,
     )
     set_epoch(bundle, 0, seed)
@@ -233,7 +248,12 @@ def set_epoch(bundle_or_loader: DataBundle | DataLoader, epoch: int, seed: int, 
         raise ValueError("this DataLoader has no generator to reseed; build it with generator=torch.Generator()")
     if seed < 0 or epoch < 0 or stream < 0:
         raise ValueError(f"seed, epoch and stream must be >= 0, got seed={seed}, epoch={epoch}, stream={stream}")
-    loader.generator.manual_seed(epoch_seed(seed, epoch, stream))
+    seed_value = epoch_seed(seed, epoch, stream)
+    sampler = loader.sampler
+    if isinstance(sampler, DistributedSampler):  # under torchrun: the shard's order, and a stream per rank
+        sampler.set_epoch(epoch)
+        seed_value = (seed_value + 0x9E3779B97F4A7C15 * sampler.rank) % 2**63
+    loader.generator.manual_seed(seed_value)
     dataset_set_epoch = getattr(loader.dataset, "set_epoch", None)
     if callable(dataset_set_epoch):
         dataset_set_epoch(epoch)

@@ -24,16 +24,24 @@ FOLDER = "imagenet"
 _HINT = "expected train/<class>/*.JPEG and val/<class>/*.JPEG (one folder per class in both)"
 
 
-def train_transform(pad_mode: str = "zero") -> transforms.Compose:
-    """RandomResizedCrop(224), horizontal flip, ToTensor, Normalize (pad_mode is unused here)."""
+def resize_for(crop_size: int) -> int:
+    """The test-time resize of a centre crop: 256 for 224 (the standard ratio 256/224)."""
+    return round(crop_size * 256 / 224)
+
+
+def train_transform(pad_mode: str = "zero", crop_size: int = IMAGE_SIZE) -> transforms.Compose:
+    """RandomResizedCrop(224), horizontal flip, ToTensor, Normalize (pad_mode is unused here).
+
+    crop_size: 224 for ImageNet; smaller values only make tests and smoke runs fast."""
     return transforms.Compose(
-        [transforms.RandomResizedCrop(IMAGE_SIZE), transforms.RandomHorizontalFlip(), *normalized_tensor(MEAN, STD)]
+        [transforms.RandomResizedCrop(crop_size), transforms.RandomHorizontalFlip(), *normalized_tensor(MEAN, STD)]
     )
 
 
-def test_transform() -> transforms.Compose:
-    """Resize(256), CenterCrop(224), ToTensor, Normalize -> float tensor (3, 224, 224)."""
-    return transforms.Compose([transforms.Resize(256), transforms.CenterCrop(IMAGE_SIZE), *normalized_tensor(MEAN, STD)])
+def test_transform(crop_size: int = IMAGE_SIZE) -> transforms.Compose:
+    """Resize(256), CenterCrop(224), ToTensor, Normalize -> float tensor (3, 224, 224) (scaled with crop_size)."""
+    return transforms.Compose([transforms.Resize(resize_for(crop_size)), transforms.CenterCrop(crop_size),
+                               *normalized_tensor(MEAN, STD)])
 
 
 def find_imagenet_root(data_folder: str | Path) -> Path:

@@ -66,7 +66,7 @@ class FTDistiller(InitStageMethod, Distiller):
     @classmethod
     def init_learning_rate(cls, opt: Namespace) -> float:
         """RepDistiller trains the paraphraser at lr 0.01 for CIFAR ResNet and WRN students, else at --learning_rate."""
-        return 0.01 if model_facts(opt.model_s).family in ('resnet', 'wrn') else float(opt.learning_rate)
+        return 0.01 if model_facts(opt.model_s, opt.dataset).family in ('resnet', 'wrn') else float(opt.learning_rate)
 
     def train(self, mode: bool = True) -> 'FTDistiller':
         super().train(mode)

@@ -126,7 +126,7 @@ class Distiller(nn.Module):
         """How to rebuild ``deployable()`` from a checkpoint (see distiller_zoo/deploy.py)."""
         # train_teacher.py names its model --model, train_student.py --model_s
         name = getattr(self.opt, 'model_s', None) or self.opt.model
-        return {'kind': 'plain', 'model': name, 'num_classes': self.num_classes}
+        return {'kind': 'plain', 'model': name, 'num_classes': self.num_classes, 'dataset': self.opt.dataset}
 
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
         """Offline or init stage before training (quantizers, class trees, AB/FT/FSP init). Default: none."""

@@ -31,7 +31,7 @@ def register_deployable(kind: str) -> Callable[[DeployBuilder], DeployBuilder]:
 
 @register_deployable('plain')
 def _build_plain(spec: dict[str, Any]) -> nn.Module:
-    return create_model(spec['model'], num_classes=spec['num_classes'])
+    return create_model(spec['model'], num_classes=spec['num_classes'], dataset=spec.get('dataset'))
 
 
 def build_deployable(spec: dict[str, Any]) -> nn.Module:

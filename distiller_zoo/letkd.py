@@ -320,14 +320,15 @@ class LetKDStudent(nn.Module):
     backbone's (logits, or (features, logits)); pre-activation features are not available.
     """
 
-    def __init__(self, backbone: nn.Module, model_name: str, kd_layers: dict[str, KDLayer]) -> None:
+    def __init__(self, backbone: nn.Module, model_name: str, kd_layers: dict[str, KDLayer],
+                 dataset: str | None = None) -> None:
         super().__init__()
         self.model_name = model_name
         self.backbone = backbone
         self.kd_layers = nn.ModuleDict(kd_layers)
         self.scores: dict[str, Tensor] = {}
         self.folded = False               # fold_bn() was called: inference only
-        sites = kd_sites(model_name, tuple(kd_layers))
+        sites = kd_sites(model_name, tuple(kd_layers), dataset)
         for role in ROLES:   # forward order: on a shared tensor the intermediate layer runs first
             if role in kd_layers:
                 attach(backbone, sites[role], partial(self._through_kd_layer, role))
@@ -367,7 +368,9 @@ def build_letkd_student(spec: dict[str, Any]) -> LetKDStudent:
     """An untrained LetKDStudent from ``LetKD1.deploy_spec()``."""
     layers = {role: KDLayer(layer['in_channels'], layer['num_words'], layer['alpha'])
               for role, layer in spec['kd_layers'].items()}
-    return LetKDStudent(create_model(spec['model'], num_classes=spec['num_classes']), spec['model'], layers)
+    dataset = spec.get('dataset')
+    return LetKDStudent(create_model(spec['model'], num_classes=spec['num_classes'], dataset=dataset), spec['model'],
+                        layers, dataset)
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -435,7 +438,7 @@ class QuantizedKD(Distiller):
         super().__init__(student, teacher, opt, info)
         self.student_shapes, self.teacher_shapes = student_shapes, teacher_shapes
         self.pool_sizes = {role: student_shapes[role][1:] for role in self.roles}
-        self.teacher_sites = kd_sites(opt.model_t, self.roles)
+        self.teacher_sites = kd_sites(opt.model_t, self.roles, opt.dataset)
         quantizers: dict[str, nn.Module] = {}
         if 'inter' in self.roles:
             quantizers['inter'] = SubclassQuantizer(info.num_classes, opt.k_inter, teacher_shapes['inter'][0])
@@ -535,12 +538,14 @@ class LetKD1(QuantizedKD):
                                if getattr(opt, f'alpha_{role}') is None})
 
     def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace, info: DataInfo) -> None:
-        shapes_s, shapes_t = pair_shapes(student, teacher, opt.model_s, opt.model_t, self.roles, info.image_size)
+        shapes_s, shapes_t = pair_shapes(student, teacher, opt.model_s, opt.model_t, self.roles, info.image_size,
+                                         opt.dataset)
         layers = {}
         for role in self.roles:
             num_words = opt.k_penult if role == 'penult' else info.num_classes * opt.k_inter
             layers[role] = KDLayer(shapes_s[role][0], num_words, getattr(opt, f'alpha_{role}'))
-        super().__init__(LetKDStudent(student, opt.model_s, layers), teacher, opt, info, shapes_s, shapes_t)
+        super().__init__(LetKDStudent(student, opt.model_s, layers, opt.dataset), teacher, opt, info, shapes_s,
+                         shapes_t)
 
     def forward_train(self, image: Tensor, target: Tensor, **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(image)
@@ -549,7 +554,8 @@ class LetKD1(QuantizedKD):
     def deploy_spec(self) -> dict[str, Any]:
         layers = {role: {'in_channels': layer.in_channels, 'num_words': layer.num_words, 'alpha': layer.alpha}
                   for role, layer in self.student.kd_layers.items()}
-        return {'kind': 'letkd', 'model': self.opt.model_s, 'num_classes': self.num_classes, 'kd_layers': layers}
+        return {'kind': 'letkd', 'model': self.opt.model_s, 'num_classes': self.num_classes, 'kd_layers': layers,
+                'dataset': self.opt.dataset}
 
 
 class LetKD2(LetKD1):

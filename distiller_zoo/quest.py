@@ -37,9 +37,10 @@ class QUEST(QuantizedKD):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, opt: Namespace,
                  info: DataInfo) -> None:
-        shapes_s, shapes_t = pair_shapes(student, teacher, opt.model_s, opt.model_t, self.roles, info.image_size)
+        shapes_s, shapes_t = pair_shapes(student, teacher, opt.model_s, opt.model_t, self.roles, info.image_size,
+                                         opt.dataset)
         super().__init__(student, teacher, opt, info, shapes_s, shapes_t)
-        self.student_sites = kd_sites(opt.model_s, self.roles)
+        self.student_sites = kd_sites(opt.model_s, self.roles, opt.dataset)
         self.predictor = CosineConv1x1(shapes_s['penult'][0], opt.k_penult, scale=PREDICTOR_SCALE)
 
     def forward_train(self, image: Tensor, target: Tensor, **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:

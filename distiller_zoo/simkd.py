@@ -73,7 +73,7 @@ class SimKDDistiller(Distiller):
                  info: DataInfo) -> None:
         super().__init__(student, teacher, opt, info)
         map_s = probe_features(student, self.image_size)[-2]
-        facts_t = model_facts(opt.model_t)
+        facts_t = model_facts(opt.model_t, opt.dataset)
         self.target_site = {'target': facts_t.pooled_map}     # the map the teacher's classifier pools
         t_n, *target_size = site_shapes(teacher, self.target_site, self.image_size)['target']
         s_n = map_s.shape[1]
@@ -110,12 +110,12 @@ class SimKDDistiller(Distiller):
     def deploy_spec(self) -> dict[str, Any]:
         return {'kind': 'simkd', 'model_s': self.opt.model_s, 'model_t': self.opt.model_t,
                 'num_classes': self.num_classes, 'factor': self.factor, 's_n': self.s_n, 't_n': self.t_n,
-                'target_size': list(self.target_size), 'cls_t': self.cls_t_name}
+                'target_size': list(self.target_size), 'cls_t': self.cls_t_name, 'dataset': self.opt.dataset}
 
 
 @register_deployable('simkd')
 def build_simkd_student(spec: dict[str, Any]) -> SimKDStudent:
     """An untrained SimKDStudent of the shapes ``spec`` (SimKDDistiller.deploy_spec) describes."""
-    return SimKDStudent(create_model(spec['model_s'], num_classes=spec['num_classes']),
+    return SimKDStudent(create_model(spec['model_s'], num_classes=spec['num_classes'], dataset=spec.get('dataset')),
                         SimKDProjector(s_n=spec['s_n'], t_n=spec['t_n'], factor=spec['factor']),
                         nn.Linear(spec['t_n'], spec['num_classes']), spec['target_size'])

@@ -40,7 +40,8 @@ from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
 from distiller_zoo.crd import build_crd_loss
 from helper.errors import UserError
-from helper.util import file_sha256, load_checkpoint, progress, save_checkpoint
+from helper.teachers import teacher_identity
+from helper.util import load_checkpoint, progress, save_checkpoint
 from models import create_model
 from models.resnet import BasicBlock, ResNet
 
@@ -332,7 +333,7 @@ class TDD(Distiller):
         """The choice flags, the threshold and k; the reference's teacher layer exists only in CIFAR ResNets
         with >= 3 blocks per stage."""
         if check_choices(opt) == 'block3_preact':
-            reference_blocks(create_model(opt.model_t, num_classes=10))
+            reference_blocks(create_model(opt.model_t, num_classes=10, dataset=opt.dataset))
         if not 0.0 <= opt.tdd_threshold <= 1.0:
             raise UserError(f"--tdd_threshold must be in [0, 1], got {opt.tdd_threshold}")
         if opt.tdd_knn < 1:
@@ -364,7 +365,7 @@ class TDD(Distiller):
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
         """Build (or reload) one class partition per teacher stage, then the student heads."""
         opt = self.opt
-        meta = {'format_version': FORMAT_VERSION, 'teacher_sha256': file_sha256(opt.path_t),
+        meta = {'format_version': FORMAT_VERSION, 'teacher_sha256': teacher_identity(opt.path_t),
                 'teacher_arch': opt.model_t, 'dataset': opt.dataset, 'num_classes': self.num_classes,
                 'n_images': self.info.n_data, 'stages': self.teacher_stages, 'threshold': float(opt.tdd_threshold),
                 'knn': int(opt.tdd_knn), 'teacher_feat': self.teacher_feat, 'prototype': self.prototype}

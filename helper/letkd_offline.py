@@ -48,8 +48,10 @@ from torch import Tensor
 from dataset import DATASETS, get_dataloaders
 from helper.errors import UserError
 from helper.options import run_cli, teacher_name_from_path
-from helper.util import file_sha256, load_checkpoint, load_teacher, progress, resolve_device, save_checkpoint
-from models import MODEL_FACTS, Site, create_model, model_dict, model_facts, site_shapes, tap
+from helper.teachers import is_torchvision_teacher, teacher_identity
+from helper.util import file_sha256  # noqa: F401  (tests read the file identity from here)
+from helper.util import load_checkpoint, load_teacher, progress, resolve_device, save_checkpoint
+from models import Site, create_model, model_facts, model_names, site_shapes, tap
 
 FORMAT_VERSION = 1
 KMEANS_ITERS = 20
@@ -100,21 +102,23 @@ class OfflineSettings:
 
 # ---------------------------------------------------------------------------------------------- places and maps
 
-def kd_sites(model_name: str, roles: tuple[str, ...] = ROLES) -> dict[str, Site]:
-    """The KD-layer places (models/facts.py) of a model of the zoo, for ``roles``; UserError for another name."""
-    if model_name not in MODEL_FACTS:
+def kd_sites(model_name: str, roles: tuple[str, ...] = ROLES, dataset: str | None = None) -> dict[str, Site]:
+    """The KD-layer places (models/facts.py) of a model of the zoo (as named for ``dataset``), for ``roles``;
+    UserError for another name."""
+    if model_name not in model_names():
         raise UserError(f"letKD/QUEST know no KD-layer places for model {model_name!r}; "
-                        f"supported: {', '.join(MODEL_FACTS)}")
-    sites = model_facts(model_name).kd_sites
+                        f"supported: {', '.join(model_names())}")
+    sites = model_facts(model_name, dataset).kd_sites
     return {role: sites[role] for role in roles}
 
 
 def pair_shapes(student: nn.Module, teacher: nn.Module, model_s: str, model_t: str, roles: tuple[str, ...],
-                image_size: int) -> tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int, int]]]:
+                image_size: int, dataset: str | None = None
+                ) -> tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int, int]]]:
     """(student, teacher) site shapes; UserError when a teacher map is smaller than the student's
     (the teacher is average-pooled down to the student's size, never up)."""
-    shapes_s = site_shapes(student, kd_sites(model_s, roles), image_size)
-    shapes_t = site_shapes(teacher, kd_sites(model_t, roles), image_size)
+    shapes_s = site_shapes(student, kd_sites(model_s, roles, dataset), image_size)
+    shapes_t = site_shapes(teacher, kd_sites(model_t, roles, dataset), image_size)
     for role in roles:
         (_, hs, ws), (_, ht, wt) = shapes_s[role], shapes_t[role]
         if ht < hs or wt < ws:
@@ -187,12 +191,12 @@ class _PositionSink:
 @torch.no_grad()
 def collect_features(teacher: nn.Module, teacher_arch: str, roles: tuple[str, ...],
                      pool_sizes: dict[str, tuple[int, int]], loader: Iterable, n_images: int, *,
-                     max_positions: int, seed: int, device: torch.device
+                     max_positions: int, seed: int, device: torch.device, dataset: str | None = None
                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per role: (features (N, D) float32, image label of each row (N,)) of the teacher's pooled maps."""
     teacher.eval()
     sinks: dict[str, _PositionSink] = {}
-    with tap(teacher, kd_sites(teacher_arch, roles)) as maps:
+    with tap(teacher, kd_sites(teacher_arch, roles, dataset)) as maps:
         for batch in progress(loader, 'teacher features'):
             teacher(batch[0].to(device))
             for role in roles:
@@ -328,7 +332,7 @@ def expected_meta(role: str, *, teacher_sha256: str, teacher_arch: str, dataset:
     """The metadata a quantizer file must carry to be used for this teacher, data and settings."""
     meta: dict[str, Any] = {
         'format_version': FORMAT_VERSION, 'layer': role, 'teacher_sha256': teacher_sha256,
-        'teacher_arch': teacher_arch, 'site': kd_sites(teacher_arch, (role,))[role].module, 'dataset': dataset,
+        'teacher_arch': teacher_arch, 'site': kd_sites(teacher_arch, (role,), dataset)[role].module, 'dataset': dataset,
         'n_images': n_images, 'num_classes': num_classes, 'pool_size': [int(s) for s in pool_size],
         'seed': settings.seed, 'max_positions': settings.max_positions, 'kmeans_iters': KMEANS_ITERS,
     }
@@ -364,9 +368,9 @@ def quantizer_files(*, teacher_arch: str, teacher_path: str | Path, roles: tuple
                     settings: OfflineSettings, cache_dir: str | Path, backend: str = 'faiss-cpu'
                     ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
     """(expected metadata, file path) per role; ``backend`` is the penultimate k-means' (``kmeans_backend``)."""
-    if teacher_path is None or not Path(teacher_path).is_file():
+    if teacher_path is None or not (is_torchvision_teacher(teacher_path) or Path(teacher_path).is_file()):
         raise UserError(f"letKD/QUEST need the teacher checkpoint file to identify the quantizers: {teacher_path}")
-    sha = file_sha256(teacher_path)
+    sha = teacher_identity(teacher_path)
     metas = {role: expected_meta(role, teacher_sha256=sha, teacher_arch=teacher_arch, dataset=dataset,
                                  n_images=n_images, num_classes=num_classes, pool_size=pool_sizes[role],
                                  settings=settings, backend=backend) for role in roles}
@@ -393,13 +397,13 @@ def ensure_quantizers(teacher: nn.Module, *, teacher_arch: str, teacher_path: st
     with FileLock(str(lock_dir / f".build-{metas[roles[0]]['teacher_sha256'][:16]}.lock")):
         return _load_or_build(teacher, metas, paths, teacher_arch=teacher_arch, roles=roles, pool_sizes=pool_sizes,
                               loader=loader, n_images=n_images, num_classes=num_classes, settings=settings,
-                              device=device, gpu=gpu)
+                              device=device, gpu=gpu, dataset=dataset)
 
 
 def _load_or_build(teacher: nn.Module, metas: dict[str, dict[str, Any]], paths: dict[str, Path], *,
                    teacher_arch: str, roles: tuple[str, ...], pool_sizes: dict[str, tuple[int, int]], loader: Any,
                    n_images: int, num_classes: int, settings: OfflineSettings, device: torch.device,
-                   gpu: int | None) -> dict[str, dict[str, torch.Tensor]]:
+                   gpu: int | None, dataset: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
     result: dict[str, dict[str, torch.Tensor]] = {}
     for role in roles:
         if paths[role].is_file():
@@ -411,7 +415,8 @@ def _load_or_build(teacher: nn.Module, metas: dict[str, dict[str, Any]], paths: 
 
     print(f"==> letKD quantizers: building {', '.join(missing)} from {teacher_arch} features of {n_images} images")
     features = collect_features(teacher, teacher_arch, missing, pool_sizes, loader, n_images,
-                                max_positions=settings.max_positions, seed=settings.seed, device=device)
+                                max_positions=settings.max_positions, seed=settings.seed, device=device,
+                                dataset=dataset)
     for role in missing:
         feats, labels = features[role]
         if role == 'penult':
@@ -456,20 +461,21 @@ def main(opt: argparse.Namespace) -> dict[str, Path]:
     """Build (or verify) the quantizer files; returns role -> file path."""
     model_t = opt.model_t or teacher_name_from_path(opt.path_t)
     for flag, name in (('--model_t', model_t), ('--model_s', opt.model_s)):
-        if name not in model_dict:
-            raise UserError(f"unknown {flag} {name!r}; choose one of: {', '.join(model_dict)}")
+        if name not in model_names():
+            raise UserError(f"unknown {flag} {name!r}; choose one of: {', '.join(model_names())}")
     check_quantizer_options(opt)
     if opt.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {opt.batch_size}")
-    if not Path(opt.path_t).is_file():
+    if not (is_torchvision_teacher(opt.path_t) or Path(opt.path_t).is_file()):
         raise UserError(f"teacher checkpoint not found: {opt.path_t}")
     roles = tuple(role for role in ROLES if role in opt.layers)
     device = resolve_device(opt.device)
     data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode='plain',
                            download=opt.download, test_batch_size=opt.batch_size, pin_memory=device.type == 'cuda')
-    teacher = load_teacher(opt.path_t, model_t, data.num_classes, opt.trust_checkpoint).to(device).eval()
-    student = create_model(opt.model_s, num_classes=data.num_classes).to(device)
-    shapes_s, _ = pair_shapes(student, teacher, opt.model_s, model_t, roles, data.image_size)
+    teacher = load_teacher(opt.path_t, model_t, data.num_classes, opt.trust_checkpoint,
+                           dataset=opt.dataset).to(device).eval()
+    student = create_model(opt.model_s, num_classes=data.num_classes, dataset=opt.dataset).to(device)
+    shapes_s, _ = pair_shapes(student, teacher, opt.model_s, model_t, roles, data.image_size, opt.dataset)
     pool_sizes = {role: shapes_s[role][1:] for role in roles}
     settings = OfflineSettings.from_opt(opt)
     cache_dir = Path(opt.save_dir) / 'cache'

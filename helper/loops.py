@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distiller_zoo.base import Distiller
+from helper import distributed
 from helper.errors import UserError
 from helper.util import AverageMeter, accuracy
 from helper.util import progress as progress_bar
@@ -49,10 +50,11 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
     n_batches = len(loader)
     bar = progress_bar(loader, f'epoch {epoch}', n_batches, progress)
     end = time.time()
+    forward_train = distributed.forward_train_of(distiller)  # inside DistributedDataParallel under torchrun
     for idx, batch in enumerate(bar):
         image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         extras = {name: t.to(device, non_blocking=True) for name, t in zip(EXTRA_NAMES, batch[2:])}
-        logits, losses = distiller.forward_train(image, target, epoch=epoch, **extras)
+        logits, losses = forward_train(image, target, epoch=epoch, **extras)
         loss = sum(losses.values())
         if not torch.isfinite(loss):  # a host sync per step; a later fast path checks on the device
             terms = ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())
@@ -78,6 +80,8 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
         else:
             bar.set_postfix(loss=f'{total.avg:.3f}', acc=f'{top1.avg:.2f}')
     bar.close()
+    distributed.all_reduce_meters(top1, top5, total, *meters.values())  # epoch values over all ranks' images
+    distributed.sync_batchnorm_stats(distiller)
     stats = {'train_loss': total.avg, 'train_acc': top1.avg, 'train_acc_top5': top5.avg}
     stats.update({f'loss_{name}': m.avg for name, m in meters.items()})
     return stats
@@ -99,7 +103,8 @@ def validate(model: nn.Module, loader: Iterable, device: torch.device, *,
         top5.update(acc5, n)
         losses.update(F.cross_entropy(logits, target).item(), n)
     model.train(was_training)
-    return {'acc': top1.avg, 'acc_top5': top5.avg, 'loss': losses.avg}
+    distributed.all_reduce_meters(top1, top5, losses)  # each rank saw its own images of the split, none twice
+    return {'acc': top1.avg, 'acc_top5': top5.avg, 'loss': losses.avg, 'images': top1.count}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,11 +178,12 @@ class FastTrainer:
     def _forward(self, image: torch.Tensor, target: torch.Tensor, epoch: int, extras: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, [loss * n, correct@1, correct@5], {name: term}); the last two without grad."""
+        forward_train = distributed.forward_train_of(self.distiller)  # inside DistributedDataParallel under torchrun
         if self.options.amp == 'bf16':
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                logits, losses = self.distiller.forward_train(image, target, epoch=epoch, **extras)
+                logits, losses = forward_train(image, target, epoch=epoch, **extras)
         else:
-            logits, losses = self.distiller.forward_train(image, target, epoch=epoch, **extras)
+            logits, losses = forward_train(image, target, epoch=epoch, **extras)
         loss = sum(losses.values())
         with torch.no_grad():
             k = min(5, logits.shape[1])
@@ -225,9 +231,13 @@ class FastTrainer:
         LossNotFinite if a step so far had a non-finite loss."""
         if self.sums is None:
             return {'train_loss': 0.0, 'train_acc': 0.0, 'train_acc_top5': 0.0}
-        sums = self.sums.tolist()
+        # under torchrun: sums over every rank's images; a bad step on any rank stops every rank (all read here
+        # at the same iterations, as their loaders have equal lengths)
+        sums = distributed.sum_over_ranks(self.sums).tolist()
         bad = self.bad.tolist() if self.bad is not None else [-1.0]
-        if bad[0] >= 0:
+        if distributed.any_rank(bad[0] >= 0) and bad[0] < 0:
+            raise LossNotFinite(f"loss became non-finite on another process at epoch {self.epoch} (found at the "
+                                f"check after iteration {self.iteration})", self.epoch, self.iteration)
             terms = ', '.join(f'{k}={v:.4g}' for k, v in zip(self.names or [], bad[2:]))
             iteration = int(bad[0])
             raise LossNotFinite(f"loss became {bad[1]} at epoch {self.epoch}, iteration {iteration}/{self.n_batches} "
@@ -262,4 +272,6 @@ def train_one_epoch_fast(trainer: FastTrainer, loader: Iterable, *, epoch: int, 
             else:
                 bar.set_postfix(loss=f'{stats["train_loss"]:.3f}', acc=f'{stats["train_acc"]:.2f}')
     bar.close()
-    return trainer.read()
+    stats = trainer.read()
+    distributed.sync_batchnorm_stats(trainer.distiller)
+    return stats

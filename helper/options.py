@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dataset import DATASETS
+from helper.distributed import launched_by_torchrun
 from helper.errors import UserError
 from helper.util import default_learning_rate, parse_milestones, seed_from_trial
 
@@ -42,6 +43,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                    help='never download CIFAR-100; fail if it is missing from --data_folder')
     g.add_argument('--pad_mode', type=str, default='zero', choices=('zero', 'reflect'),
                    help='padding of the random crop: zero (RepDistiller) or reflect (letKD/QUEST code)')
+    g.add_argument('--crop_size', type=int, default=None,
+                   help='ImageNet only: training crop / test centre crop (default 224, test resize 256); '
+                        'smaller values are for smoke tests')
     g.add_argument('--tiny_aug', type=str, default=None, choices=('rotate', 'crop'),
                    help="Tiny-ImageNet augmentation: rotate = RandomRotation(20) + flip (default; the letKD "
                         "authors' code), crop = RandomCrop(64, padding 4, --pad_mode) + flip")
@@ -95,14 +99,19 @@ def resolve_fast(opt: argparse.Namespace) -> dict[str, Any]:
     for flag in ('device_data', 'tf32', 'channels_last'):
         value = getattr(opt, flag, None)
         values[flag] = fast if value is None else bool(value)
+    if getattr(opt, 'device_data', None) is None and (opt.dataset == 'imagenet' or launched_by_torchrun()):
+        values['device_data'] = False    # --fast on ImageNet or under torchrun: everything but device data
     compile_mode = getattr(opt, 'compile', None)
     values['compile'] = ('default' if fast else 'none') if compile_mode is None else compile_mode
     values['amp'] = getattr(opt, 'amp', None) or 'none'
     values['fast_loop'] = fast or values['device_data'] or values['tf32'] or values['channels_last'] \
         or values['compile'] != 'none' or values['amp'] != 'none'
     if values['device_data'] and opt.dataset == 'imagenet':
-        raise UserError("--device_data (part of --fast) supports cifar100, tinyimagenet and digits, not imagenet; "
-                        "pass --no-device_data")
+        raise UserError("--device_data supports cifar100, tinyimagenet and digits, not imagenet (--fast alone "
+                        "leaves it off there)")
+    if values['device_data'] and launched_by_torchrun():
+        raise UserError("--device_data is single-process; under torchrun the DataLoader path shards the data "
+                        "(--fast alone leaves device data off there)")
     return values
 
 
@@ -146,6 +155,9 @@ def resolve_common(opt: argparse.Namespace, model_name: str) -> argparse.Namespa
     if opt.num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {opt.num_workers}")
     check_optimisation(updated(opt, **values))
+    if getattr(opt, 'crop_size', None) is not None and (opt.dataset != 'imagenet' or opt.crop_size < 8):
+        raise UserError(f"--crop_size is an ImageNet option of at least 8 pixels (got {opt.crop_size} with "
+                        f"--dataset {opt.dataset})")
     tiny = opt.dataset == 'tinyimagenet'
     for flag, default in (('tiny_aug', 'rotate'), ('tiny_split', 'val50')):
         value = getattr(opt, flag, None)
@@ -183,7 +195,7 @@ def check_optimisation(opt: argparse.Namespace) -> None:
 def data_options(opt: argparse.Namespace) -> dict[str, Any]:
     """The protocol keywords of dataset.get_dataloaders taken from finalized flags."""
     return {'drop_last': bool(getattr(opt, 'drop_last', False)), 'augment': getattr(opt, 'tiny_aug', None),
-            'split': getattr(opt, 'tiny_split', None) or 'val50'}
+            'split': getattr(opt, 'tiny_split', None) or 'val50', 'crop_size': getattr(opt, 'crop_size', None)}
 
 
 def teacher_folder_name(opt: argparse.Namespace) -> str:
@@ -202,8 +214,11 @@ def teacher_name_from_path(path: str) -> str | None:
     """The architecture encoded in a teacher checkpoint's folder name, as RepDistiller/SimKD parse it.
 
     ``.../resnet32x4_vanilla/ckpt_epoch_240.pth`` -> resnet32x4; ``.../wrn_40_2_cifar100_lr_.../x.pth``
-    -> wrn_40_2; a distilled student folder ``S:resnet8x4_T:resnet32x4_...`` -> resnet8x4.
+    -> wrn_40_2; a distilled student folder ``S:resnet8x4_T:resnet32x4_...`` -> resnet8x4;
+    ``torchvision:ResNet34`` (torchvision's ImageNet weights) -> ResNet34.
     """
+    if path.startswith('torchvision:'):
+        return path[len('torchvision:'):]
     folder = Path(path).parent.name
     for sep in (':', '~'):
         if folder.startswith(f'S{sep}') and f'_T{sep}' in folder:

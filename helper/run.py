@@ -28,6 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dataset import set_epoch
 from distiller_zoo.base import Distiller
+from helper import distributed
 from helper.errors import UserError
 from helper.loops import (FastOptions, FastTrainer, LossNotFinite, configure_fast_path, train_one_epoch,
                           train_one_epoch_fast, validate)
@@ -151,11 +152,13 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
         set_rng_state(ckpt['rng'])
         # drop log lines of an epoch that finished after the last checkpoint was written
         history = _read_metrics(run_dir / METRICS, ckpt['epoch'])
-        (run_dir / METRICS).write_text(''.join(json.dumps(r) + '\n' for r in history))
-        _record_resume(run_dir, start_epoch, ckpt.get('settings'), _settings(cfg))
+        if distributed.is_main():  # under torchrun rank 0 alone writes
+            (run_dir / METRICS).write_text(''.join(json.dumps(r) + '\n' for r in history))
+            _record_resume(run_dir, start_epoch, ckpt.get('settings'), _settings(cfg))
         print(f'==> resuming {run_dir} at epoch {start_epoch}')
 
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch if cfg.resume else None)
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch if cfg.resume else None) \
+        if distributed.is_main() else distributed.NullWriter()
     deployable = distiller.deployable()
 
     def save_last(epoch: int, accuracy: float | None) -> None:
@@ -191,11 +194,12 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
             split_keys = {} if test_loader is None else {
                 'val_loss': val['loss'], 'val_acc': val['acc'], 'val_acc_top5': val['acc_top5']}
             record = {'epoch': epoch, 'lr': lr, **train_stats, 'test_loss': test['loss'], 'test_acc': test['acc'],
-                      'test_acc_top5': test['acc_top5'], **split_keys, **distiller.epoch_metrics(),
+                      'test_acc_top5': test['acc_top5'], 'test_images': test['images'], **split_keys, **distiller.epoch_metrics(),
                       'time': epoch_time}
             history.append(record)
-            with open(run_dir / METRICS, 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            if distributed.is_main():
+                with open(run_dir / METRICS, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
             for key, value in record.items():
                 if key != 'epoch':
                     writer.add_scalar(key, value, epoch)

@@ -216,13 +216,20 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
 
     Every tensor (weights, optimizer state, RNG states) is written on the CPU, so the file loads with a
     plain ``torch.load`` on a machine without a GPU, as RepDistiller-style tools do.
+    Under torchrun only rank 0 writes (helper/distributed.py); the other ranks return.
     """
+    from helper.distributed import is_main
+    if not is_main():
+        return
     cpu_obj = to_cpu(obj)
     atomic_write_bytes(path, lambda f: torch.save(cpu_obj, f))
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:
-    """json.dump, atomically."""
+    """json.dump, atomically (under torchrun rank 0 only)."""
+    from helper.distributed import is_main
+    if not is_main():
+        return
     atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + '\n').encode()))
 
 
@@ -283,10 +290,16 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], model_name: s
 
 
 
-def load_teacher(path: str | os.PathLike, model_name: str, num_classes: int, trust: bool = False) -> nn.Module:
-    """Build ``model_name`` and load the checkpoint strictly (CPU map_location; weights_only unless trusted)."""
+def load_teacher(path: str | os.PathLike, model_name: str, num_classes: int, trust: bool = False,
+                 dataset: str | None = None) -> nn.Module:
+    """Build ``model_name`` (for ``dataset``) and load the checkpoint strictly (CPU map_location; weights_only
+    unless trusted). ``path`` may be ``torchvision:<name>``: torchvision's ImageNet weights (helper/teachers.py)."""
+    from helper.teachers import is_torchvision_teacher, load_torchvision_state_dict
     from models import create_model
+    model = create_model(model_name, num_classes=num_classes, dataset=dataset)
+    if is_torchvision_teacher(path):
+        load_weights(model, load_torchvision_state_dict(str(path)), model_name, path)
+        return model
     ckpt = load_checkpoint(path, map_location='cpu', trust=trust)
-    model = create_model(model_name, num_classes=num_classes)
     load_weights(model, state_dict_from_checkpoint(ckpt, path), model_name, path)
     return model

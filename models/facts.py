@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from helper.errors import UserError
+from models.imagenet import IMAGENET_MODELS
 from models.mobilenetv2 import mobile_half
 from models.resnet import (resnet8, resnet8x4, resnet14, resnet20, resnet32, resnet32x4, resnet44,
                            resnet56, resnet110)
@@ -39,7 +40,9 @@ from models.sites import Site
 from models.vgg import vgg8_bn, vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn
 from models.wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 
-FAMILIES = ('resnet', 'wrn', 'vgg', 'resnetv2', 'shufflenet', 'mobilenet')
+FAMILIES = ('resnet', 'wrn', 'vgg', 'resnetv2', 'shufflenet', 'mobilenet', 'imagenet_resnet', 'imagenet_mobilenet')
+# the data set whose names resolve to the ImageNet architectures (models/imagenet.py)
+IMAGENET = 'imagenet'
 
 
 @dataclass(frozen=True)
@@ -89,20 +92,44 @@ def _records() -> list[ModelFacts]:
     return records
 
 
+def _imagenet_records() -> list[ModelFacts]:
+    """mdistiller's ImageNet names (Table 2): torchvision-keyed ResNets and MobileNetV1."""
+    records = [ModelFacts(name, IMAGENET_MODELS[name], 'imagenet_resnet', 'fc', Site('layer4'), Site('layer4.0'))
+               for name in ('ResNet18', 'ResNet34', 'ResNet50')]
+    # model.13 is the last separable unit (1024 ch, stride 32); model.12 the first unit of the stride-32 stage
+    records.append(ModelFacts('MobileNetV1', IMAGENET_MODELS['MobileNetV1'], 'imagenet_mobilenet', 'fc',
+                              Site('model.13'), Site('model.12')))
+    return records
+
+
 MODEL_FACTS: dict[str, ModelFacts] = {record.name: record for record in _records()}
+# ImageNet architectures; with dataset 'imagenet' their names win over MODEL_FACTS' (ResNet50 is a CIFAR model
+# there), on other data sets only names MODEL_FACTS lacks (ResNet18, ResNet34, MobileNetV1) resolve to them
+IMAGENET_FACTS: dict[str, ModelFacts] = {record.name: record for record in _imagenet_records()}
 
 
-def model_facts(name: str) -> ModelFacts:
-    """The record of a model of the zoo; UserError (listing the valid names) for an unknown name."""
+def model_names() -> list[str]:
+    """Every model name of the zoo (what a name means may depend on the data set: see ``model_facts``)."""
+    return list(dict.fromkeys([*MODEL_FACTS, *IMAGENET_FACTS]))
+
+
+def model_facts(name: str, dataset: str | None = None) -> ModelFacts:
+    """The record of a model of the zoo; UserError (listing the valid names) for an unknown name.
+
+    With ``dataset='imagenet'`` the ImageNet architectures' names (ResNet18/34/50, MobileNetV1) resolve to
+    models/imagenet.py; otherwise RepDistiller's names keep their CIFAR meaning.
+    """
+    if name in IMAGENET_FACTS and (dataset == IMAGENET or name not in MODEL_FACTS):
+        return IMAGENET_FACTS[name]
     if name not in MODEL_FACTS:
-        raise UserError(f"unknown model '{name}'; valid names: {', '.join(MODEL_FACTS)}")
+        raise UserError(f"unknown model '{name}'; valid names: {', '.join(model_names())}")
     return MODEL_FACTS[name]
 
 
 @lru_cache(maxsize=None)
-def feature_channels(name: str, image_size: int = 32) -> tuple[int, ...]:
+def feature_channels(name: str, image_size: int = 32, dataset: str | None = None) -> tuple[int, ...]:
     """Channel counts of the spatial maps of ``forward(is_feat=True)`` (feats[:-1]), read from a dummy batch."""
-    model = model_facts(name).build(num_classes=10).eval()
+    model = model_facts(name, dataset).build(num_classes=10).eval()
     with torch.no_grad():
         feats, _ = model(torch.zeros(2, 3, image_size, image_size), is_feat=True)
     return tuple(int(f.shape[1]) for f in feats[:-1])

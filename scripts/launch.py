@@ -12,6 +12,16 @@ logs to <log_dir>/<run folder name>.log. Without GPUs, --jobs runs that many at 
 --gpus takes positions among this process's visible GPUs; each child's CUDA_VISIBLE_DEVICES gets
 the matching entry of the parent's (an index or a UUID). CPU children see no GPU and get --device cpu
 unless their command names a device.
+
+Runs on several GPUs (ImageNet): ``--gpus_per_job N`` gives each run N GPUs and starts it as
+``python -m torch.distributed.run --standalone --nproc_per_node N train_student.py ...`` (torchrun).
+
+Slurm (through submitit): ``--backend slurm`` submits each stage as one job array, one run per task,
+``--gpus_per_job`` GPUs per task, and waits for the stage before the next; a task that is preempted or
+reaches its time limit is requeued and continues from its run's last.pth (``--resume``, decided again when the
+task starts). ``--backend submitit-local`` runs the same code path with submitit's local executor.
+
+    python scripts/launch.py table2.txt --backend slurm --partition gpu --gpus_per_job 8 --timeout_min 2880
 """
 from __future__ import annotations
 
@@ -113,7 +123,11 @@ def slots_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -
     if not gpus:
         return [None] * args.jobs
     visible = parent_visible_devices(env)
-    return [child_device(g, visible) for g in gpus for _ in range(args.jobs_per_gpu)]
+    per_job = max(1, getattr(args, 'gpus_per_job', 1))
+    if len(gpus) % per_job:
+        raise SystemExit(f'launch.py: {len(gpus)} GPUs cannot be split into groups of --gpus_per_job {per_job}')
+    groups = [gpus[i:i + per_job] for i in range(0, len(gpus), per_job)]
+    return [','.join(child_device(g, visible) for g in group) for group in groups for _ in range(args.jobs_per_gpu)]
 
 
 def has_flag(argv: list[str], flag: str) -> bool:
@@ -121,8 +135,21 @@ def has_flag(argv: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + '=') for a in argv)
 
 
+def with_processes(argv: list[str], nproc: int) -> list[str]:
+    """``argv`` started by torchrun with ``nproc`` processes on this machine (unchanged for one process).
+
+    ``python train_student.py ...`` becomes ``python -m torch.distributed.run --standalone --nproc_per_node N
+    train_student.py ...``; a command that already starts torchrun is left as it is.
+    """
+    if nproc <= 1 or any(a in ('torchrun', 'torch.distributed.run') or a.endswith('/torchrun') for a in argv):
+        return list(argv)
+    at = next(i for i, a in enumerate(argv) if a.endswith(('train_student.py', 'train_teacher.py')))
+    return ['python', '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), *argv[at:]]
+
+
 def launch(job: Job, gpu: str | None, log_dir: Path) -> subprocess.Popen:
-    """Start ``job`` on one GPU (``gpu`` is the child's CUDA_VISIBLE_DEVICES value) or, for None, on the CPU.
+    """Start ``job`` on its GPUs (``gpu`` is the child's CUDA_VISIBLE_DEVICES value; several GPUs: torchrun with
+    one process each) or, for None, on the CPU.
 
     A CPU child sees no GPU (CUDA_VISIBLE_DEVICES='') and gets ``--device cpu`` unless it names a device.
     """
@@ -130,6 +157,7 @@ def launch(job: Job, gpu: str | None, log_dir: Path) -> subprocess.Popen:
     argv = list(job.argv)
     if gpu is not None:
         env['CUDA_VISIBLE_DEVICES'] = gpu
+        argv = with_processes(argv, len(gpu.split(',')))
     else:
         env['CUDA_VISIBLE_DEVICES'] = ''
         if not has_flag(argv, '--device'):
@@ -176,13 +204,32 @@ def main(argv: list[str] | None = None) -> int:
                              'CUDA_VISIBLE_DEVICES (default: all visible; "" for CPU)')
     parser.add_argument('--jobs_per_gpu', type=int, default=1)
     parser.add_argument('--jobs', type=int, default=1, help='concurrent jobs when there is no GPU')
+    parser.add_argument('--gpus_per_job', type=int, default=1,
+                        help='GPUs per run; more than 1 starts each run with torchrun, one process per GPU')
     parser.add_argument('--log_dir', default='./save/logs')
     parser.add_argument('--dry-run', dest='dry_run', action='store_true', help='print the plan, run nothing')
     parser.add_argument('--poll', type=float, default=1.0, help=argparse.SUPPRESS)
+    slurm = parser.add_argument_group('Slurm (submitit)')
+    slurm.add_argument('--backend', choices=('local', 'slurm', 'submitit-local'), default='local',
+                       help='local: this machine\'s queue; slurm: job arrays through submitit; submitit-local: '
+                            'submitit\'s local executor (the Slurm code path on this machine)')
+    slurm.add_argument('--partition', default=None)
+    slurm.add_argument('--timeout_min', type=int, default=24 * 60,
+                       help='time limit per task; a task that reaches it is requeued and resumes')
+    slurm.add_argument('--cpus_per_job', type=int, default=10, help='CPUs per task (data-loading workers)')
+    slurm.add_argument('--array_parallelism', type=int, default=64, help='tasks of an array running at once')
+    slurm.add_argument('--slurm', action='append', default=[], metavar='KEY=VALUE',
+                       help='extra sbatch option, e.g. --slurm account=abc --slurm constraint=a100')
+    slurm.add_argument('--submitit_dir', default='./save/submitit', help="submitit's job folder (its logs, pickles)")
     args = parser.parse_args(argv)
+    for item in args.slurm:
+        if '=' not in item:
+            parser.error(f'--slurm {item!r}: expected KEY=VALUE')
 
     stages = read_stages(args.commands)
-    slots = slots_from(args)
+    on_slurm = args.backend != 'local'
+    slots = [] if on_slurm else slots_from(args)
+    log_dir = Path(args.log_dir).resolve()
     failed = 0
     for number, commands in enumerate(stages, 1):
         jobs = [plan(c) for c in commands]
@@ -193,7 +240,17 @@ def main(argv: list[str] | None = None) -> int:
             for job in jobs:
                 print(f'[{job.action}] {shlex.join(job.argv)}')
             continue
-        failed += run_stage(todo, slots, Path(args.log_dir), args.poll)
+        if on_slurm:
+            from scripts import slurm as slurm_backend
+            gpus = 0 if args.gpus == '' else args.gpus_per_job
+            ex = slurm_backend.executor(args.backend, Path(args.submitit_dir), gpus_per_job=gpus,
+                                        cpus_per_job=args.cpus_per_job, timeout_min=args.timeout_min,
+                                        partition=args.partition, array_parallelism=args.array_parallelism,
+                                        slurm_extra=args.slurm)
+            # each task plans its run again when it starts (a requeued task resumes)
+            failed += slurm_backend.run_stage(ex, [j.argv for j in todo], gpus, log_dir, args.poll)
+        else:
+            failed += run_stage(todo, slots, log_dir, args.poll)
     if failed:
         print(f'{failed} run(s) failed; see {args.log_dir}', file=sys.stderr)
         return 1

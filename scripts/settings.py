@@ -105,3 +105,37 @@ def pair_flags(label: str, teacher: str, student: str) -> list[str]:
     if label == 'DKD':
         return ['--dkd_beta', str(DKD_BETA.get((teacher, student), 8.0))]
     return []
+
+
+# ---------------------------------------------------------------------------------------------- ImageNet (Table 2)
+# Sources: docs/reference/imagenet-table2.md (fact sheet). Students train from scratch; teachers are
+# torchvision's IMAGENET1K_V1 weights (--path_t torchvision:ResNet34 / torchvision:ResNet50).
+# Student (b) is MobileNetV1 (mdistiller's r50_mv1; 4,231,976 parameters), not MobileNetV2: the table's
+# student/KD/AT/DKD numbers are OFD's / DKD's MobileNet(V1) rows and QuEST's "MNv2" file defines a MobileNetV1.
+IMAGENET_PAIRS: dict[str, tuple[str, str]] = {'a': ('ResNet34', 'ResNet18'), 'b': ('ResNet50', 'MobileNetV1')}
+
+# letKD / QUEST: 100 epochs, SGD Nesterov 0.9, lr 0.1 /10 at 30/60/90 (letKD supplementary); batch 256 and
+# weight decay 1e-4 (QuEST Config_ImageNet + algorithm.py; QuEST uses 210 for its MNv2 file, we keep 256).
+# --batch_size is global under torchrun (helper/distributed.py).
+IMAGENET_QUANTIZED_PROTOCOL: tuple[str, ...] = (
+    '--epochs', '100', '--batch_size', '256', '--learning_rate', '0.1', '--lr_decay_epochs', '30,60,90',
+    '--lr_decay_rate', '0.1', '--weight_decay', '1e-4', '--momentum', '0.9', '--nesterov')
+# Baselines: mdistiller configs/imagenet/*: batch 512 (global), lr 0.2, wd 1e-4, momentum 0.9 without
+# Nesterov, x0.1 at 30/60/90, 100 epochs, no effective warm-up.
+IMAGENET_BASELINE_PROTOCOL: tuple[str, ...] = (
+    '--epochs', '100', '--batch_size', '512', '--learning_rate', '0.2', '--lr_decay_epochs', '30,60,90',
+    '--lr_decay_rate', '0.1', '--weight_decay', '1e-4', '--momentum', '0.9')
+IMAGENET_METHODS: dict[str, Method] = {
+    'KD': Method('kd', ('-r', '0.5', '-a', '0.5', '-b', '0', '--kd_T', '1'), 'mdistiller imagenet kd.yaml: T 1, CE 0.5, KD 0.5'),
+    # mdistiller's AT on ImageNet has no KD term: CE 1, AT weight 1000, p 2
+    'AT+KD': Method('attention', ('-r', '1', '-a', '0', '-b', '1000'), 'mdistiller imagenet at.yaml (CE 1, AT 1000)'),
+    'DKD': Method('dkd', ('-r', '1', '-a', '0', '--dkd_alpha', '1', '--dkd_T', '1'),
+                  'mdistiller imagenet dkd.yaml: alpha 1, T 1, beta 0.5 (a) / 2.0 (b)'),
+    'QUEST': Method('quest', ('-r', '1', '-a', '0', '-b', '1', '--quest_tau', '5', '--k_penult', '4096'),
+                    'QuEST Config_ImageNet: CE + 1.0 KL, K 4096, beta 5'),
+    'letKD-1': Method('letkd1', ('-r', '1', '-a', '0', '-b', '1', '--k_penult', '4096'),
+                      'letKD supplementary: K_penult 4096, alpha 1 (beta for ImageNet not stated: CIFAR value 1)'),
+    'letKD-2': Method('letkd2', ('-r', '1', '-a', '0', '-b', '1', '--k_penult', '4096', '--k_inter', '8'),
+                      'letKD supplementary: K_penult 4096, K_inter 8, alpha (1, 1)'),
+}
+IMAGENET_DKD_BETA: dict[str, float] = {'a': 0.5, 'b': 2.0}   # mdistiller res34_res18.yaml / r50_mv1.yaml
