@@ -123,9 +123,10 @@ def main(parsed: argparse.Namespace) -> dict:
     student = create_model(opt.model_s, num_classes=data.num_classes, dataset=opt.dataset).to(device)
     distiller = method(student, teacher, opt, data.info).to(device)
 
-    teacher_acc = None
+    teacher_acc = teacher_acc_top5 = None
     if teacher is not None:
-        teacher_acc = validate(teacher, data.val_loader, device, desc='teacher')['acc']
+        teacher_val = validate(teacher, data.val_loader, device, desc='teacher')
+        teacher_acc, teacher_acc_top5 = teacher_val['acc'], teacher_val['acc_top5']
         print(f'teacher accuracy: {teacher_acc:.2f}')
         published = PUBLISHED_TEACHER_ACC.get(opt.model_t) if opt.dataset == 'cifar100' else None
         if published is not None and abs(teacher_acc - published) > TEACHER_ACC_TOLERANCE:
@@ -143,7 +144,8 @@ def main(parsed: argparse.Namespace) -> dict:
     print(f'==> {opt.distill}: {opt.model_t} -> {opt.model_s} on {opt.dataset} ({device}); '
           f'deployed student {count_params(deployed):,} params; run folder {run_dir}')
     summary = {'distill': opt.distill, 'model_s': opt.model_s, 'model_t': opt.model_t, 'dataset': opt.dataset,
-               'trial': opt.trial, 'gamma': opt.gamma, 'alpha': opt.alpha, 'beta': opt.beta, 'teacher_acc': teacher_acc}
+               'trial': opt.trial, 'gamma': opt.gamma, 'alpha': opt.alpha, 'beta': opt.beta, 'teacher_acc': teacher_acc,
+               'teacher_acc_top5': teacher_acc_top5}
     cfg = RunConfig.from_opt(opt, run_dir, opt.model_s, summary)
     distributed.wrap(distiller, device)  # DistributedDataParallel under torchrun
     try:

@@ -230,9 +230,11 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
     if not history:
         raise UserError(f"{run_dir} has no finished epoch to summarise")
     last = history[-1]
+    # the best top-1 epoch's top-5 (None if its record is gone, as after a resume that lost metrics.jsonl)
+    best_top5 = next((r['test_acc_top5'] for r in history if r['epoch'] == best_epoch), None)
     summary = {
         'last_acc': last['test_acc'], 'last_acc_top5': last['test_acc_top5'],
-        'best_acc': best_acc, 'best_epoch': best_epoch, 'epochs': last['epoch'],
+        'best_acc': best_acc, 'best_acc_top5': best_top5, 'best_epoch': best_epoch, 'epochs': last['epoch'],
         'params_deployed': count_params(deployable), 'macs_deployed': count_macs(deployable, data.image_size),
         'seed': cfg.seed,
         **({} if test_loader is None else {**best_val, 'last_val_acc': last['val_acc']}),

@@ -1,6 +1,7 @@
 """scripts/compare_with_paper.py and its published numbers: the integrity of scripts/published_results.csv
 against the letKD supplementary's Tables 1-3 (literal values, and every cell when the text is at hand), the
-teacher row, and a Tiny-ImageNet table with Table 3's protocol (best on val, reported on test)."""
+teacher row, a Tiny-ImageNet table with Table 3's protocol (best on val, reported on test), and ImageNet's
+Table 2 with top-1 and top-5 (and the summary keys it reads, written by a real run)."""
 import csv
 import json
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts import compare_with_paper
-from scripts.settings import TABLE1_METHODS, TABLE1_PAIRS, TABLE3_METHODS, TABLE3_PAIRS
+from scripts.settings import IMAGENET_METHODS, TABLE1_METHODS, TABLE1_PAIRS, TABLE3_METHODS, TABLE3_PAIRS
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / 'scripts' / 'published_results.csv'
@@ -264,3 +265,132 @@ def test_tinyimagenet_best_epoch_is_the_test_accuracy_at_the_best_val_epoch(tmp_
     assert '| AT | - / 58.71 | **57.70 +- 0.00 (1) / 54.01 / +3.69** |' in lines
     # the last-epoch numbers are last_acc either way
     assert float(rows[('wrn_16_2', 'KD')]['last_mean']) == pytest.approx(58.0, abs=1e-4)
+
+
+# ------------------------------------------------------------------------- ImageNet (Table 2): top-1 and top-5
+def imagenet_runs(save):
+    """Student runs of both Table-2 pairs (students carry the torchvision teacher's teacher_acc), one from an
+    older summary without top-5 keys, a ResNet18 from scratch, and a CIFAR-100 run beside them."""
+    a = dict(dataset='imagenet', model_t='ResNet34', model_s='ResNet18', distill='letkd2', alpha=0.0,
+             teacher_acc=73.30, teacher_acc_top5=91.40)
+    write_summary(save, 'a_letkd2_0', last_acc=72.0, last_acc_top5=90.8, best_acc=72.4, best_acc_top5=91.0, **a)
+    write_summary(save, 'a_letkd2_1', last_acc=72.4, last_acc_top5=91.2, best_acc=72.6, best_acc_top5=91.4, **a)
+    b = dict(dataset='imagenet', model_t='ResNet50', model_s='MobileNetV1', alpha=0.0)
+    # settings.IMAGENET_METHODS' 'AT+KD' runs --distill attention
+    write_summary(save, 'b_at', distill='attention', last_acc=69.0, last_acc_top5=89.0, best_acc=69.3,
+                  best_acc_top5=89.5, teacher_acc=76.10, teacher_acc_top5=92.90, **b)
+    write_summary(save, 'b_kd_old', distill='kd', last_acc=68.0, best_acc=68.2, teacher_acc=76.20,
+                  **{**b, 'alpha': 0.5})       # written before the top-5 keys existed
+    write_summary(save, 'r18', dataset='imagenet', model_t=None, model_s='ResNet18', distill='ce', last_acc=69.5,
+                  last_acc_top5=89.0, best_acc=69.8, best_acc_top5=89.2)
+    write_summary(save, 'cifar_kd', dataset='cifar100', model_t='resnet56', model_s='resnet20', distill='kd', alpha=0.9,
+                  last_acc=70.0, last_acc_top5=91.0, best_acc=70.5, best_acc_top5=91.5, **COST)
+
+
+def test_imagenet_tables_have_top1_and_top5_next_to_table_2(tmp_path, capsys):
+    save = tmp_path / 'save'
+    imagenet_runs(save)
+    assert compare_with_paper.main([str(save), '--out', str(tmp_path / 'out')]) == 0
+    out = capsys.readouterr().out
+    tables = out.split('## ')
+    last = next(t for t in tables if t.startswith('imagenet: last-epoch top-1 and top-5')).splitlines()
+    best = next(t for t in tables if t.startswith('imagenet: best-epoch top-1 and top-5')).splitlines()
+    # a top-1 and a top-5 column per pair; our MobileNetV1 student is the paper's "MobileNetV2" column
+    b = 'ResNet50 -> MobileNetV1 (paper: "MobileNetV2")'
+    assert f'| method | ResNet34 -> ResNet18 top-1 | ResNet34 -> ResNet18 top-5 | {b} top-1 | {b} top-5 |' in last
+    labels = [line.split('|')[1].strip() for line in last if line.startswith('| ') and not line.startswith('| method')]
+    assert labels == ['teacher', 'student', *IMAGENET_METHODS]
+    # letKD-2 (a): published 72.38 / 91.15; last epoch 72.0, 72.4 (top-5 90.8, 91.2)
+    assert ('| letKD-2 | **72.20 +- 0.28 (2) / 72.38 / -0.18** | **91.00 +- 0.28 (2) / 91.15 / -0.15** '
+            '| - / 73.98 | - / 92.00 |') in last
+    # the attention run is the AT+KD row, against the paper's MobileNetV2 numbers 69.56 / 89.33
+    assert ('| AT+KD | - / 70.70 | - / 90.00 | **69.00 +- 0.00 (1) / 69.56 / -0.56** '
+            '| **89.00 +- 0.00 (1) / 89.33 / -0.33** |') in last
+    assert not any(line.startswith('| AT |') for line in last)
+    # a summary without top-5 keys: its top-1 counts, its top-5 is missing
+    assert '| KD | - / 70.66 | - / 89.88 | 68.00 +- 0.00 (1) / 68.58 / -0.58 | - / 88.98 |' in last
+    # the teacher row is the students' teacher_acc (torchvision weights, no run of their own)
+    assert ('| teacher | 73.30 +- 0.00 (2) / 73.31 / -0.01 | 91.40 +- 0.00 (2) / 91.42 / -0.02 '
+            '| 76.15 +- 0.07 (2) / 76.13 / +0.02 | 92.90 +- 0.00 (1) / 92.86 / +0.04 |') in last
+    assert ('| student | 69.50 +- 0.00 (1) / 69.75 / -0.25 | 89.00 +- 0.00 (1) / 89.07 / -0.07 '
+            '| - / 68.87 | - / 88.76 |') in last
+    # best epoch: best_acc and best_acc_top5 (the top-5 of the best top-1 epoch)
+    assert ('| letKD-2 | **72.50 +- 0.14 (2) / 72.38 / +0.12** | **91.20 +- 0.28 (2) / 91.15 / +0.05** '
+            '| - / 73.98 | - / 92.00 |') in best
+    assert ('| AT+KD | - / 70.70 | - / 90.00 | **69.30 +- 0.00 (1) / 69.56 / -0.26** '
+            '| **89.50 +- 0.00 (1) / 89.33 / +0.17** |') in best
+    assert ('| student | 69.80 +- 0.00 (1) / 69.75 / +0.05 | 89.20 +- 0.00 (1) / 89.07 / +0.13 '
+            '| - / 68.87 | - / 88.76 |') in best
+    # CIFAR-100 keeps its top-1 tables
+    assert '| method | resnet56 -> resnet20 |' in out and 'top-5' not in next(t for t in tables if t.startswith('cifar100'))
+    # one trial per ImageNet cell; the teachers are not trained here, the students from scratch are
+    assert '- imagenet ResNet34 -> ResNet18 AT+KD: 0/1 runs' in out
+    assert '- imagenet ResNet50 -> MobileNetV1 letKD-2: 0/1 runs' in out
+    assert 'imagenet ResNet34 -> ResNet18 letKD-2:' not in out and 'MobileNetV1 AT+KD:' not in out
+    assert '- imagenet MobileNetV1 from scratch: 0 runs' in out
+    assert 'imagenet ResNet18 from scratch' not in out and 'ResNet34 from scratch' not in out
+    assert 'ResNet50 from scratch' not in out
+
+    with open(tmp_path / 'out' / 'comparison.csv') as f:
+        rows = {(r['dataset'], r['teacher'], r['student'], r['method']): r for r in csv.DictReader(f)}
+    top5 = ['last_top5_mean', 'last_top5_std', 'best_top5_mean', 'best_top5_std', 'published_top5',
+            'delta_last_top5', 'delta_best_top5']
+
+    def numbers(key, columns):
+        return [rows[key][c] and round(float(rows[key][c]), 4) for c in columns]
+
+    assert numbers(('imagenet', 'ResNet34', 'ResNet18', 'letKD-2'), ['n', 'last_mean', 'published', *top5]) == \
+        [2, 72.2, 72.38, 91.0, 0.2828, 91.2, 0.2828, 91.15, -0.15, 0.05]
+    assert numbers(('imagenet', 'ResNet50', 'MobileNetV1', 'AT+KD'), ['last_mean', 'published', *top5]) == \
+        [69.0, 69.56, 89.0, 0.0, 89.5, 0.0, 89.33, -0.33, 0.17]
+    assert numbers(('imagenet', 'ResNet50', 'MobileNetV1', 'KD'), ['last_mean', 'published', *top5]) == \
+        [68.0, 68.58, '', '', '', '', 88.98, '', '']
+    assert numbers(('imagenet', 'ResNet34', '', 'teacher'), ['n', 'last_mean', 'published', *top5]) == \
+        [2, 73.3, 73.31, 91.4, 0.0, 91.4, 0.0, 91.42, -0.02, -0.02]
+    assert numbers(('imagenet', '', 'ResNet18', 'vanilla'), ['last_mean', *top5]) == \
+        [69.5, 89.0, 0.0, 89.2, 0.0, '', '', '']
+    # no top-5 in Table 1: CIFAR-100's top-5 columns stay empty
+    assert numbers(('cifar100', 'resnet56', 'resnet20', 'KD'), ['last_mean', 'published', *top5]) == \
+        [70.0, 70.66, '', '', '', '', '', '', '']
+
+
+def test_a_run_writes_the_best_epochs_top5_and_the_teachers_top5(tmp_path, vanilla_teacher, monkeypatch):
+    """summary.json's best_acc_top5 is the top-5 of the best top-1 epoch (here epoch 1 of 2, while epoch 2 has
+    the higher top-5), and teacher_acc_top5 is the teacher's top-5 on the val split. Real training on one image
+    per class (one batch per epoch); only the student's scores are scripted."""
+    import torch
+
+    import helper.run
+    import train_student
+    from dataset import get_dataloaders
+    from helper.loops import validate
+    from helper.util import load_checkpoint
+    from models import create_model
+    from tests.fixtures_data import write_cifar100
+
+    data_dir = str(tmp_path / 'data')
+    write_cifar100(data_dir, n_train_per_class=1, n_test_per_class=1)
+
+    scripted = iter([(30.0, 60.0), (20.0, 70.0)])      # (top-1, top-5) the two epochs report
+
+    def scripted_validate(*args, **kwargs):
+        acc, acc_top5 = next(scripted)
+        return {**validate(*args, **kwargs), 'acc': acc, 'acc_top5': acc_top5}
+
+    monkeypatch.setattr(helper.run, 'validate', scripted_validate)
+    teacher_path = vanilla_teacher('resnet8')
+    assert train_student.cli(['--path_t', str(teacher_path), '--model_s', 'resnet8', '--distill', 'kd', '--epochs', '2',
+                              '--data_folder', data_dir, '--save_dir', str(tmp_path), '--num_workers', '0',
+                              '--batch_size', '100', '--device', 'cpu', '--print_freq', '1000']) == 0
+    (path,) = tmp_path.rglob('summary.json')
+    summary = json.loads(path.read_text())
+    assert (summary['best_acc'], summary['best_epoch'], summary['best_acc_top5']) == (30.0, 1, 60.0)
+    assert (summary['last_acc'], summary['last_acc_top5']) == (20.0, 70.0)
+
+    teacher = create_model('resnet8', 100)
+    teacher.load_state_dict(load_checkpoint(teacher_path)['model'])
+    val_loader = get_dataloaders('cifar100', data_dir, batch_size=100, num_workers=0).val_loader
+    expected = validate(teacher, val_loader, torch.device('cpu'))
+    assert summary['teacher_acc'] == pytest.approx(expected['acc'])
+    assert summary['teacher_acc_top5'] == pytest.approx(expected['acc_top5'])
+    assert expected['acc_top5'] > expected['acc']           # a random teacher: the two are told apart
