@@ -3,6 +3,7 @@
     python scripts/commands.py vanilla                       # teachers + students from scratch, CIFAR-100
     python scripts/commands.py distill --trials 5            # every Table-1 method x pair
     python scripts/commands.py tinyimagenet --trials 3       # Table 3: teachers, students, methods
+    python scripts/commands.py imagenet                      # Table 2: students from scratch, 6 methods x 2 pairs
     python scripts/commands.py distill --methods letKD-2 KD --pairs resnet56:resnet20
     python scripts/commands.py distill --fast                # every run on the fast path (or --extra "--fast")
 
@@ -18,8 +19,10 @@ import sys
 
 from models import feature_channels
 from scripts.launch import BARRIER
-from scripts.settings import (CIFAR_STUDENTS, CIFAR_TEACHERS, EXTRA_METHODS, METHODS, TABLE1_METHODS,
-                              TABLE1_PAIRS, TABLE3_METHODS, TABLE3_PAIRS, TRIALS_CIFAR, TRIALS_TINYIMAGENET,
+from scripts.settings import (CIFAR_STUDENTS, CIFAR_TEACHERS, EXTRA_METHODS, IMAGENET_BASELINE_PROTOCOL,
+                              IMAGENET_DKD_BETA, IMAGENET_LOADER, IMAGENET_METHODS, IMAGENET_PAIRS, METHODS,
+                              TABLE1_METHODS, TABLE1_PAIRS, TABLE3_METHODS, TABLE3_PAIRS, TRIALS_CIFAR,
+                              TRIALS_IMAGENET, TRIALS_TINYIMAGENET, imagenet_protocol,
                               pair_flags)
 
 
@@ -63,6 +66,26 @@ def distill_lines(labels: list[str], pairs: list[tuple[str, str]], dataset: str,
     return lines
 
 
+def imagenet_lines(labels: list[str], trials: int, save_dir: str, common: list[str]) -> list[str]:
+    """Table 2: the students from scratch, then every method x pair; teachers are torchvision's weights.
+
+    One process per line; scripts/launch.py --gpus_per_job N starts each with torchrun (--batch_size is global).
+    """
+    lines = [shlex.join(['python', 'train_teacher.py', '--model', student, '--dataset', 'imagenet', '--trial', str(t),
+                         '--save_dir', save_dir, *IMAGENET_BASELINE_PROTOCOL, *IMAGENET_LOADER, *common])
+             for _, student in IMAGENET_PAIRS.values() for t in range(trials)]
+    for key, (teacher, student) in IMAGENET_PAIRS.items():
+        for label in labels:
+            method = IMAGENET_METHODS[label]
+            beta = ['--dkd_beta', str(IMAGENET_DKD_BETA[key])] if method.distill == 'dkd' else []
+            for trial in range(1, trials + 1):
+                lines.append(shlex.join([
+                    'python', 'train_student.py', '--path_t', f'torchvision:{teacher}', '--distill', method.distill,
+                    '--model_s', student, '--dataset', 'imagenet', '--trial', str(trial), '--save_dir', save_dir,
+                    *method.flags, *beta, *imagenet_protocol(method.distill), *IMAGENET_LOADER, *common]))
+    return lines
+
+
 def parse_pairs(items: list[str] | None, default: list[tuple[str, str]]) -> list[tuple[str, str]]:
     if not items:
         return default
@@ -71,9 +94,11 @@ def parse_pairs(items: list[str] | None, default: list[tuple[str, str]]) -> list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('sweep', choices=('vanilla', 'distill', 'tinyimagenet'))
-    parser.add_argument('--trials', type=int, default=None, help='default: 5 on CIFAR-100, 3 on Tiny-ImageNet')
-    parser.add_argument('--methods', nargs='*', default=None, help=f"labels among: {', '.join(METHODS)}")
+    parser.add_argument('sweep', choices=('vanilla', 'distill', 'tinyimagenet', 'imagenet'))
+    parser.add_argument('--trials', type=int, default=None,
+                        help='default: 5 on CIFAR-100, 3 on Tiny-ImageNet, 1 on ImageNet')
+    parser.add_argument('--methods', nargs='*', default=None,
+                        help=f"labels among: {', '.join(METHODS)}; ImageNet: {', '.join(IMAGENET_METHODS)}")
     parser.add_argument('--pairs', nargs='*', default=None, help='teacher:student pairs (default: the table\'s)')
     parser.add_argument('--save_dir', default='./save')
     parser.add_argument('--data_folder', default='./data')
@@ -83,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fast:
         args.extra = f'{args.extra} --fast'.strip()
+    known = IMAGENET_METHODS if args.sweep == 'imagenet' else METHODS
     for label in args.methods or []:
-        if label not in METHODS:
+        if label not in known:
             parser.error(f'unknown method label {label!r}')
     common = ['--data_folder', args.data_folder, *shlex.split(args.extra)]
 
@@ -96,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         labels = args.methods or TABLE1_METHODS + EXTRA_METHODS
         lines = distill_lines(labels, parse_pairs(args.pairs, TABLE1_PAIRS), 'cifar100', trials, args.save_dir,
                               common)
+    elif args.sweep == 'imagenet':
+        lines = imagenet_lines(args.methods or list(IMAGENET_METHODS), args.trials or TRIALS_IMAGENET, args.save_dir,
+                               common)
     else:
         trials = args.trials or TRIALS_TINYIMAGENET
         pairs = parse_pairs(args.pairs, TABLE3_PAIRS)

@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             for job in jobs:
                 print(f'[{job.action}] {shlex.join(job.argv)}')
             continue
+        if not todo:
+            continue
         if on_slurm:
             from scripts import slurm as slurm_backend
             gpus = 0 if args.gpus == '' else args.gpus_per_job

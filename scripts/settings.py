@@ -139,3 +139,13 @@ IMAGENET_METHODS: dict[str, Method] = {
                       'letKD supplementary: K_penult 4096, K_inter 8, alpha (1, 1)'),
 }
 IMAGENET_DKD_BETA: dict[str, float] = {'a': 0.5, 'b': 2.0}   # mdistiller res34_res18.yaml / r50_mv1.yaml
+# The students from scratch (the table's 'student' rows) train with the baselines' protocol.
+# Loader workers per process (under torchrun each GPU's process has its own): torchvision's reference uses 16
+# per GPU; 8 is what typical 8-GPU nodes with 64-96 cores sustain beside the main processes.
+IMAGENET_LOADER: tuple[str, ...] = ('--num_workers', '8')
+TRIALS_IMAGENET = 1        # the paper reports one run per ImageNet cell
+
+
+def imagenet_protocol(distill: str) -> tuple[str, ...]:
+    """The optimisation protocol of an ImageNet run: letKD/QUEST as their authors, everything else as mdistiller."""
+    return IMAGENET_QUANTIZED_PROTOCOL if distill in ('letkd1', 'letkd2', 'quest') else IMAGENET_BASELINE_PROTOCOL

@@ -55,7 +55,10 @@ class TrainingRun:
             # checkpoint() below stops it, so the task's handler decides, not a race between the two
             self._process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                              preexec_fn=_ignore_preemption_signal)
-            code = self._process.wait()
+            # poll, not wait(): submitit's preemption handler runs in this thread and waits for the process in
+            # checkpoint(); a blocking wait() here would hold Popen's wait lock and deadlock it
+            while (code := self._process.poll()) is None:
+                time.sleep(1.0)
         if code:
             raise RuntimeError(f'{job.run_dir.name} exited with {code}; see {log_dir / job.run_dir.name}.log')
         return f'[{job.action}] {job.run_dir.name}: done'

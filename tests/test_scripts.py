@@ -41,6 +41,8 @@ def dry_run_lines(script, *flags):
     ('run_cifar_vanilla.sh', [], 6 + 9, 'cifar100'),
     ('run_cifar_distill.sh', [], (22 * 10 - 2 * 5) * 5, 'cifar100'),
     ('run_tinyimagenet.sh', [], 3 + 5 * 3 + 14 * 5 * 3, 'tinyimagenet'),
+    # Table 2: 2 students from scratch + 6 methods x 2 pairs, 1 trial (teachers are torchvision's weights)
+    ('run_imagenet.sh', [], 2 + 6 * 2, 'imagenet'),
 ])
 def test_every_dry_run_line_parses_with_the_cli_parsers(script, flags, expected, dataset):
     lines = dry_run_lines(script, *flags)
@@ -60,7 +62,34 @@ def test_every_dry_run_line_parses_with_the_cli_parsers(script, flags, expected,
         cli.resolve_run_dir(opt)
     assert counts == {'run_cifar_vanilla.sh': {'train_teacher.py': 15, 'train_student.py': 0},
                       'run_cifar_distill.sh': {'train_teacher.py': 0, 'train_student.py': 1050},
-                      'run_tinyimagenet.sh': {'train_teacher.py': 18, 'train_student.py': 210}}[script]
+                      'run_tinyimagenet.sh': {'train_teacher.py': 18, 'train_student.py': 210},
+                      'run_imagenet.sh': {'train_teacher.py': 2, 'train_student.py': 12}}[script]
+
+
+def test_imagenet_sweep_uses_each_methods_protocol_and_pair_settings():
+    """letKD/QUEST on their authors' protocol (batch 256, lr 0.1, Nesterov), baselines on mdistiller's (batch 512,
+    lr 0.2), torchvision teachers, MobileNetV1 as student (b), DKD's beta per pair, KD at T 1 with 0.5/0.5."""
+    runs = {}
+    for line in dry_run_lines('run_imagenet.sh'):
+        argv = shlex.split(line)
+        if argv[1] != 'train_student.py':
+            opt = train_teacher.get_args_parser().parse_args(argv[2:])
+            assert (opt.batch_size, opt.learning_rate, opt.nesterov) == (512, 0.2, False), line
+            continue
+        opt = train_student.get_args_parser().parse_args(argv[2:])
+        runs[(opt.path_t, opt.model_s, opt.distill)] = opt
+    assert {(p, s) for p, s, _ in runs} == {('torchvision:ResNet34', 'ResNet18'), ('torchvision:ResNet50', 'MobileNetV1')}
+    for (path_t, student, distill), opt in runs.items():
+        quantized = distill in ('letkd1', 'letkd2', 'quest')
+        expected = (256, 0.1, True) if quantized else (512, 0.2, False)
+        assert (opt.batch_size, opt.learning_rate, opt.nesterov) == expected, (path_t, distill)
+        assert (opt.epochs, opt.lr_decay_epochs, opt.weight_decay) == (100, '30,60,90', 1e-4)
+    assert runs[('torchvision:ResNet34', 'ResNet18', 'dkd')].dkd_beta == 0.5
+    assert runs[('torchvision:ResNet50', 'MobileNetV1', 'dkd')].dkd_beta == 2.0
+    kd = runs[('torchvision:ResNet34', 'ResNet18', 'kd')]
+    assert (kd.gamma, kd.alpha, kd.kd_T) == (0.5, 0.5, 1)
+    letkd2 = runs[('torchvision:ResNet50', 'MobileNetV1', 'letkd2')]
+    assert (letkd2.k_penult, letkd2.k_inter) == (4096, 8)
 
 
 def test_distill_sweep_covers_every_method_and_pair_with_published_settings():

@@ -94,4 +94,4 @@ def test_a_preempted_task_is_requeued_and_resumes_from_last_pth(tmp_path: Path, 
     summary = json.loads((run_dir / 'summary.json').read_text())
     assert summary['epochs'] == epochs
     assert epochs_logged(run_dir) == list(range(1, epochs + 1))   # the interrupted epoch is logged once
-    assert 'Requeued' in job.stderr() or 'requeue' in job.stderr().lower()
+    assert 'Caught signal SIGUSR2' in job.stderr()   # submitit's handler, not a crash, ended the first start
