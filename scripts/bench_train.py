@@ -3,6 +3,8 @@
     python scripts/bench_train.py --methods kd letkd2 --model_s resnet8 --model_t resnet20 --dataset digits \\
         --device cpu --steps 20 --method_flags "--k_penult 64 --k_inter 2"
     python scripts/bench_train.py --loader_only --dataset cifar100 --device cuda      # the data path alone
+    python scripts/bench_train.py --loader_only --dataset imagenet --generate 64 --num_workers 2 --batch_size 64
+                                                # ImageNet's PIL loader on generated 500x375 JPEGs (images/s per worker)
 
 For every method and configuration it prints ms/step (median over --repeats blocks of --steps steps, each block
 ending in one sync, warm-up and compilation excluded), images/s, the speed-up over the reference, host syncs per
@@ -53,7 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--methods', nargs='+', default=['kd'], help='--distill names')
     parser.add_argument('--model_s', default='resnet20')
     parser.add_argument('--model_t', default='resnet56')
-    parser.add_argument('--dataset', default='cifar100', choices=('cifar100', 'tinyimagenet', 'digits'))
+    parser.add_argument('--dataset', default='cifar100', choices=('cifar100', 'tinyimagenet', 'digits', 'imagenet'))
+    parser.add_argument('--generate', type=int, default=0, metavar='N',
+                        help='imagenet --loader_only: write N generated 500x375 JPEGs per class (10 classes, train '
+                             'and val) to a temporary folder and read those instead of --data_folder')
     parser.add_argument('--data_folder', default='./data')
     parser.add_argument('--batch_size', type=int, default=64)
     parser.add_argument('--num_workers', type=int, default=8, help='workers of the reference DataLoader')
@@ -111,6 +116,24 @@ def _data(args: argparse.Namespace, opt: Any, mode: str, device: Any, device_dat
         data = device_bundle(data, opt.dataset, device, mode=mode, pad_mode=opt.pad_mode, augment=opt.tiny_aug,
                              seed=opt.seed, channels_last=channels_last)
     return data
+
+
+def write_generated_imagenet(root: Path, per_class: int, classes: int = 10, seed: int = 0) -> None:
+    """root/imagenet/{train,val}/<wnid>/*.JPEG: smooth random colour fields with noise, 500x375 (about the
+    ImageNet average), JPEG quality 90, so decoding costs what a real photo of that size costs."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:375, 0:500].astype(np.float32)
+    for split in ('train', 'val'):
+        for c in range(classes):
+            folder = root / 'imagenet' / split / f'n{c:08d}'
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                a, b, phase = rng.uniform(0.005, 0.05, 3)
+                field = np.stack([np.sin(a * xs + b * ys + phase + k) for k in range(3)], -1)
+                pixels = 127 + 80 * field + rng.normal(0, 20, field.shape)
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f'n{c:08d}_{i}.JPEG', quality=90)
 
 
 def _batches(data: Any, seed: int) -> Iterator[Any]:
@@ -275,8 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         row = loader_one(args, config) if name == 'loader' else run_one(args, name, config)
         print(json.dumps(row))
         return 0
+    generated = None
+    if args.generate:
+        if args.dataset != 'imagenet' or not args.loader_only:
+            raise SystemExit('bench_train.py: --generate is for --loader_only --dataset imagenet')
+        generated = tempfile.TemporaryDirectory()
+        write_generated_imagenet(Path(generated.name), args.generate)
+        argv = [*argv, '--data_folder', generated.name, '--generate', '0']
     if args.loader_only:
-        todo = [('loader', 'reference'), ('loader', 'device_data')]
+        # ImageNet has no device-resident path (it does not fit on a device)
+        todo = [('loader', 'reference')] + ([] if args.dataset == 'imagenet' else [('loader', 'device_data')])
     else:
         todo = [(method, config) for method in args.methods for config in args.configs]
     rows = []
@@ -289,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f'\n{args.model_t} -> {args.model_s}, {args.dataset}, batch {args.batch_size}, device {device}, '
           f'median of {args.repeats} x {args.steps} steps\n')
     print(format_table(rows))
+    if args.loader_only:
+        for r in rows:
+            if r.get('config') == 'reference' and 'error' not in r:
+                print(f"\nreference loader: {r['images_per_s'] / max(1, args.num_workers):.0f} images/s per worker "
+                      f"({args.num_workers} workers)")
+    if generated is not None:
+        generated.cleanup()
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 1 if any('error' in r for r in rows) else 0
