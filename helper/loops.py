@@ -238,6 +238,7 @@ class FastTrainer:
         if distributed.any_rank(bad[0] >= 0) and bad[0] < 0:
             raise LossNotFinite(f"loss became non-finite on another process at epoch {self.epoch} (found at the "
                                 f"check after iteration {self.iteration})", self.epoch, self.iteration)
+        if bad[0] >= 0:
             terms = ', '.join(f'{k}={v:.4g}' for k, v in zip(self.names or [], bad[2:]))
             iteration = int(bad[0])
             raise LossNotFinite(f"loss became {bad[1]} at epoch {self.epoch}, iteration {iteration}/{self.n_batches} "

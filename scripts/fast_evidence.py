@@ -16,15 +16,11 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-import train_student  # noqa: E402
-import train_teacher  # noqa: E402
-from scripts.quickstart import common_flags, parse_args as quickstart_args  # noqa: E402
+import train_student
+import train_teacher
+from scripts.quickstart import common_flags, parse_args as quickstart_args
 
 PATHS = {'reference': [], 'fast': ['--fast', '--compile', 'none']}
 METHOD_FLAGS = {'letkd2': ['--k_penult', '64', '--k_inter', '2'], 'letkd1': ['--k_penult', '64'],

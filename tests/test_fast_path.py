@@ -317,9 +317,20 @@ def test_fast_flag_resolution():
     cheap = parse('--fast', '--compile', 'none', '--no-channels_last', '--amp', 'bf16')
     assert (cheap.compile, cheap.channels_last, cheap.device_data, cheap.amp) == ('none', False, True, 'bf16')
     assert parse('--channels_last').fast_loop and not parse('--channels_last').device_data
+    # ImageNet does not fit on a device: --fast there is everything but device data; asking for it is an error
+    imagenet = parse('--fast', '--dataset', 'imagenet')
+    assert (imagenet.fast_loop, imagenet.device_data, imagenet.channels_last, imagenet.compile) == \
+        (True, False, True, 'default')
     with pytest.raises(UserError, match='imagenet'):
-        parse('--fast', '--dataset', 'imagenet')
-    assert parse('--fast', '--no-device_data', '--dataset', 'imagenet').fast_loop
+        parse('--fast', '--device_data', '--dataset', 'imagenet')
+
+
+def test_fast_under_torchrun_leaves_device_data_off(monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    opt = parse('--fast')
+    assert (opt.fast_loop, opt.device_data, opt.tf32) == (True, False, True)
+    with pytest.raises(UserError, match='torchrun'):
+        parse('--device_data')
 
 
 def test_fast_cli_resumes_exactly(tmp_path):
