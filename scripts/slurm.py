@@ -1,6 +1,6 @@
 """The Slurm backend of scripts/launch.py, through submitit: one job array per stage, one run per task.
 
-A task re-plans its run when it starts (scripts/launch.py ``plan``): after a preemption or a time-limit
+A task re-plans its run when it starts (scripts/runs.py ``plan``): after a preemption or a time-limit
 requeue it finds the run's last.pth and continues with ``--resume``; a finished run (summary.json) is skipped.
 The job class lives here, not in launch.py, so that submitit's pickles name an importable module even when
 launch.py runs as ``__main__``.
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from scripts.launch import ROOT, has_flag, plan, with_processes
+from scripts.runs import ROOT, has_flag, plan, with_processes
 
 
 def _ignore_preemption_signal() -> None:
