@@ -59,12 +59,20 @@ class ContrastMemory(nn.Module):
         rows = memory.index_select(0, idx.reshape(-1)).detach().view(batch, -1, dim)
         return torch.exp(torch.bmm(rows, anchor.view(batch, dim, 1)) / self.params[_T].clone())
 
-    def _normalised(self, out: Tensor, slot: int, name: str) -> Tensor:
-        if not self._z_checked and self.params[slot].item() < 0:     # the first call only (a host sync)
-            # under torchrun: the mean over all ranks' first batches
-            self.params[slot] = distributed.mean_over_ranks(out.mean().detach()) * self.n_data
-            print(f'normalization constant {name} is set to {self.params[slot].item():.1f}', flush=True)
-        return out / self.params[slot].clone()     # a copy: autograd keeps it while Z_v2 is set in place
+    # eager even inside a compiled step: a host read, a collective and a print, on the first call only
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _set_constants_once(self, out_v1: Tensor, out_v2: Tensor) -> None:
+        """Z := mean(out) * n_data from the first batch (under torchrun: the mean over all ranks' first batches),
+        for each Z not set yet (a loaded checkpoint has them)."""
+        params = self.params.clone()
+        for slot, out, name in ((_Z_V1, out_v1, 'Z_v1'), (_Z_V2, out_v2, 'Z_v2')):
+            if params[slot].item() < 0:
+                params[slot] = distributed.mean_over_ranks(out.mean().detach()) * self.n_data
+                print(f'normalization constant {name} is set to {params[slot].item():.1f}', flush=True)
+        # a new tensor, not an in-place write: a compiled step may have saved the old one (T's division) for backward
+        self.params = params
+        self._z_checked = True
 
     @torch.no_grad()
     def _update(self, memory: Tensor, y: Tensor, v: Tensor) -> None:
@@ -86,9 +94,11 @@ class ContrastMemory(nn.Module):
         """
         if idx is None:
             idx = self.sample_indices(y)
-        out_v1 = self._normalised(self._scores(self.memory_v2, idx, v1), _Z_V1, 'Z_v1')
-        out_v2 = self._normalised(self._scores(self.memory_v1, idx, v2), _Z_V2, 'Z_v2')
-        self._z_checked = True
+        out_v1, out_v2 = self._scores(self.memory_v2, idx, v1), self._scores(self.memory_v1, idx, v2)
+        if not self._z_checked:
+            self._set_constants_once(out_v1, out_v2)
+        # copies: autograd keeps them, and the constants are tensors (no host read per step)
+        out_v1, out_v2 = out_v1 / self.params[_Z_V1].clone(), out_v2 / self.params[_Z_V2].clone()
         self._update(self.memory_v1, y, v1)
         self._update(self.memory_v2, y, v2)
         return out_v1.contiguous(), out_v2.contiguous()

@@ -495,6 +495,9 @@ class QuantizedKD(Distiller):
             self._record(role, kl, s, targets.probs, targets.hard)
         return losses
 
+    # eager even inside a compiled step: traced, the meters' Python state (dict keys, counts) would be guarded and
+    # change every step, recompiling the step until torch.compile's limit and then running it eagerly
+    @torch.compiler.disable
     @torch.no_grad()
     def _record(self, role: str, kl: Tensor, scores: Tensor, target: Tensor, hard: Tensor) -> None:
         """Add this batch's metrics to device-side sums (no host sync); ``epoch_metrics`` reads them."""

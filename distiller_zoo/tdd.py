@@ -359,7 +359,7 @@ class TDD(Distiller):
         self.teacher_stages = list(range(1, len(maps_t) + 1))
         self.heads = nn.ModuleList()
         self._correct: list[Tensor] = []
-        self._seen = 0
+        self._seen = torch.zeros((), dtype=torch.long)    # a tensor: a traced int would recompile every step
 
     # ---------------------------------------------------------------- offline stage
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
@@ -428,7 +428,7 @@ class TDD(Distiller):
         self.heads = nn.ModuleList(DecisionHead(c, groups, self.num_classes)
                                    for c, groups in zip(self.stage_channels, partitions)).to(device)
         self._correct = [torch.zeros((), dtype=torch.long) for _ in self.heads]
-        self._seen = 0
+        self._seen = torch.zeros((), dtype=torch.long)    # a tensor: a traced int would recompile every step
 
     def partitions(self) -> list[Partition]:
         """The partitions of the distilled stages (read back from the heads)."""
@@ -457,7 +457,7 @@ class TDD(Distiller):
             total = total + head.loss(logits, target)
             with torch.no_grad():
                 self._correct[i] = self._correct[i] + (logits.argmax(1) == head.class_to_group[target]).sum()
-        self._seen += target.shape[0]
+        self._seen = self._seen + target.shape[0]
         return total
 
     def method_loss(self, feat_s: list[Tensor], feat_t: list[Tensor], logit_s: Tensor, logit_t: Tensor,
@@ -469,10 +469,11 @@ class TDD(Distiller):
         metrics: dict[str, float] = {}
         for i, head in enumerate(self.heads, start=1):
             metrics[f'tdd_groups_{i}'] = float(len(head.group_weight))
-            if self._seen:
-                metrics[f'tdd_head_acc_{i}'] = 100.0 * self._correct[i - 1].item() / self._seen
+            seen = int(self._seen)
+            if seen:
+                metrics[f'tdd_head_acc_{i}'] = 100.0 * self._correct[i - 1].item() / seen
         self._correct = [torch.zeros((), dtype=torch.long) for _ in self.heads]
-        self._seen = 0
+        self._seen = torch.zeros((), dtype=torch.long)    # a tensor: a traced int would recompile every step
         return metrics
 
 

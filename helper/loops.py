@@ -5,6 +5,8 @@ named, already-weighted losses, sums them, and logs each one.
 """
 from __future__ import annotations
 
+import functools
+import operator
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -35,6 +37,12 @@ class LossNotFinite(UserError):
         self.epoch, self.iteration = epoch, iteration
 
 
+def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum of the loss terms, left to right. Not ``sum(...)``: under torch.compile its ``0 + term`` with a
+    single term, returned next to that term's detached copy, gave a loss without grad_fn (torch 2.14)."""
+    return functools.reduce(operator.add, losses.values())
+
+
 def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.optim.Optimizer, *,
                     epoch: int, device: torch.device, print_freq: int = 100,
                     progress: bool | None = None) -> dict[str, float]:
@@ -55,7 +63,7 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
         image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         extras = {name: t.to(device, non_blocking=True) for name, t in zip(EXTRA_NAMES, batch[2:])}
         logits, losses = forward_train(image, target, epoch=epoch, **extras)
-        loss = sum(losses.values())
+        loss = total_loss(losses)
         if not torch.isfinite(loss):  # a host sync per step; a later fast path checks on the device
             terms = ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())
             raise LossNotFinite(f"loss became {loss.item()} at epoch {epoch}, iteration {idx + 1}/{n_batches} "
@@ -184,7 +192,7 @@ class FastTrainer:
                 logits, losses = forward_train(image, target, epoch=epoch, **extras)
         else:
             logits, losses = forward_train(image, target, epoch=epoch, **extras)
-        loss = sum(losses.values())
+        loss = total_loss(losses)
         with torch.no_grad():
             k = min(5, logits.shape[1])
             correct = logits.detach().topk(k, dim=1).indices.eq(target.view(-1, 1))
