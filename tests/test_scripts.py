@@ -35,12 +35,12 @@ def dry_run_lines(script, *flags):
 # - run_cifar_distill.sh: (16 Table-1 methods + 6 other RepDistiller criteria) x 10 pairs = 220 cells, minus the
 #   pairs FSP and KDSVD cannot run (unequal channels: wrn_40_2->wrn_40_1, wrn_40_2->ShuffleV1,
 #   resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, ResNet50->MobileNetV2; 5 each) = 210 per trial, x 5 = 1,050.
-# - run_tinyimagenet.sh: 3 teachers (1 trial) + 5 students from scratch x 3 + 14 Table-3 methods x 5 pairs x 3
-#   (every method runs on every Table-3 pair) = 3 + 15 + 210 = 228 (the '# barrier' line is not a command).
+# - run_tinyimagenet.sh: 3 teachers (1 trial) + 5 students from scratch x 3 + (14 Table-3 methods x 5 pairs + FSP on
+#   its 2 equal-channel pairs) x 3 = 3 + 15 + 216 = 234 (the '# barrier' line is not a command).
 @pytest.mark.parametrize('script, flags, expected, dataset', [
     ('run_cifar_vanilla.sh', [], 6 + 9, 'cifar100'),
     ('run_cifar_distill.sh', [], (22 * 10 - 2 * 5) * 5, 'cifar100'),
-    ('run_tinyimagenet.sh', [], 3 + 5 * 3 + 14 * 5 * 3, 'tinyimagenet'),
+    ('run_tinyimagenet.sh', [], 3 + 5 * 3 + (14 * 5 + 2) * 3, 'tinyimagenet'),
     # Table 2: 2 students from scratch + 6 methods x 2 pairs, 1 trial (teachers are torchvision's weights)
     ('run_imagenet.sh', [], 2 + 6 * 2, 'imagenet'),
 ])
@@ -62,7 +62,7 @@ def test_every_dry_run_line_parses_with_the_cli_parsers(script, flags, expected,
         cli.resolve_run_dir(opt)
     assert counts == {'run_cifar_vanilla.sh': {'train_teacher.py': 15, 'train_student.py': 0},
                       'run_cifar_distill.sh': {'train_teacher.py': 0, 'train_student.py': 1050},
-                      'run_tinyimagenet.sh': {'train_teacher.py': 18, 'train_student.py': 210},
+                      'run_tinyimagenet.sh': {'train_teacher.py': 18, 'train_student.py': 216},
                       'run_imagenet.sh': {'train_teacher.py': 2, 'train_student.py': 12}}[script]
 
 
