@@ -13,15 +13,13 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from dataset import get_dataloaders
-from dataset.device_data import device_bundle
 from distiller_zoo.registry import ALIASES, DISTILLERS, add_method_arguments, canonical_name
 from helper import distributed
 from helper.errors import UserError
 from helper.loops import validate
-from helper.options import (ResolvedOptions, add_common_arguments, data_options, freeze, resolve_common, run_cli,
+from helper.options import (ResolvedOptions, add_common_arguments, freeze, resolve_common, run_cli,
                             student_folder_name, teacher_name_from_path, updated)
-from helper.run import RunConfig, check_run_dir, create_run_dir, fit
+from helper.run import RunConfig, check_run_dir, create_run_dir, fit, load_data
 from helper.util import count_params, load_teacher, resolve_device, save_json, seed_everything
 from helper.teachers import is_torchvision_teacher, torchvision_teacher_name
 from models import create_model, model_names
@@ -105,16 +103,9 @@ def main(parsed: argparse.Namespace) -> dict:
         check_teacher(opt)
     device = distributed.setup(resolve_device(opt.device))  # joins torchrun's process group, if any
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
-    distributed.barrier()  # every rank checked the folder before rank 0 writes into it
 
     seed_everything(opt.seed, opt.deterministic)
-    data = distributed.shard(get_dataloaders(
-        opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode=method.data_mode, pad_mode=opt.pad_mode,
-        download=opt.download, seed=opt.seed, nce_k=opt.nce_k, crd_mode=opt.mode, pin_memory=device.type == 'cuda',
-        **data_options(opt)), opt.seed)
-    if opt.device_data:   # the fast path's data: on the device, augmented there (dataset/device_data.py)
-        data = device_bundle(data, opt.dataset, device, mode=method.data_mode, pad_mode=opt.pad_mode,
-                             augment=opt.tiny_aug, seed=opt.seed, channels_last=opt.channels_last)
+    data = load_data(opt, device, method.data_mode, nce_k=opt.nce_k, crd_mode=opt.mode)
     teacher = None
     if method.needs_teacher:
         print(f'==> loading teacher {opt.model_t} from {opt.path_t}')
@@ -135,9 +126,7 @@ def main(parsed: argparse.Namespace) -> dict:
     with distributed.main_first():  # rank 0 builds the caches, the others then load them
         distiller.prepare(data, device=device, cache_dir=str(Path(opt.save_dir) / 'cache'), resumed=opt.resume)
 
-    if distributed.is_main():
-        create_run_dir(run_dir, overwrite=opt.overwrite)
-    distributed.barrier()
+    create_run_dir(run_dir, overwrite=opt.overwrite)   # rank 0 under torchrun
     if not opt.resume:
         save_json({**vars(opt), **asdict(data.info)}, run_dir / 'args.json')
     deployed = distiller.deployable()
@@ -147,11 +136,7 @@ def main(parsed: argparse.Namespace) -> dict:
                'trial': opt.trial, 'gamma': opt.gamma, 'alpha': opt.alpha, 'beta': opt.beta, 'teacher_acc': teacher_acc,
                'teacher_acc_top5': teacher_acc_top5}
     cfg = RunConfig.from_opt(opt, run_dir, opt.model_s, summary)
-    distributed.wrap(distiller, device)  # DistributedDataParallel under torchrun
-    try:
-        return fit(distiller, data, cfg, device)
-    finally:
-        distributed.cleanup()
+    return fit(distiller, data, cfg, device)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -12,14 +12,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from dataset import get_dataloaders
-from dataset.device_data import device_bundle
 from distiller_zoo.logit_kd import Vanilla
 from helper import distributed
 from helper.errors import UserError
-from helper.options import (ResolvedOptions, add_common_arguments, data_options, freeze, resolve_common, run_cli,
+from helper.options import (ResolvedOptions, add_common_arguments, freeze, resolve_common, run_cli,
                             teacher_folder_name, updated)
-from helper.run import RunConfig, check_run_dir, create_run_dir, fit
+from helper.run import RunConfig, check_run_dir, create_run_dir, fit, load_data
 from helper.util import resolve_device, save_json, seed_everything
 from models import create_model, model_names
 
@@ -58,32 +56,20 @@ def main(parsed: argparse.Namespace) -> dict:
     run_dir = run_folder(opt)
     device = distributed.setup(resolve_device(opt.device))  # joins torchrun's process group, if any
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
-    distributed.barrier()  # every rank checked the folder before rank 0 writes into it
 
     seed_everything(opt.seed, opt.deterministic)
-    data = distributed.shard(get_dataloaders(
-        opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode='plain', pad_mode=opt.pad_mode,
-        download=opt.download, seed=opt.seed, pin_memory=device.type == 'cuda', **data_options(opt)), opt.seed)
-    if opt.device_data:   # the fast path's data: on the device, augmented there (dataset/device_data.py)
-        data = device_bundle(data, opt.dataset, device, mode='plain', pad_mode=opt.pad_mode, augment=opt.tiny_aug,
-                             seed=opt.seed, channels_last=opt.channels_last)
+    data = load_data(opt, device, 'plain')
     model = create_model(opt.model, num_classes=data.num_classes, dataset=opt.dataset)
     distiller = Vanilla(model, None, opt, data.info).to(device)
 
-    if distributed.is_main():
-        create_run_dir(run_dir, overwrite=opt.overwrite)
-    distributed.barrier()
+    create_run_dir(run_dir, overwrite=opt.overwrite)   # rank 0 under torchrun
     if not opt.resume:
         save_json({**vars(opt), **asdict(data.info)}, run_dir / 'args.json')
     print(f'==> training {opt.model} on {opt.dataset} ({data.n_data} images, {data.num_classes} classes) '
           f'on {device}; run folder {run_dir}')
     summary = {'distill': 'ce', 'model_s': opt.model, 'model_t': None, 'dataset': opt.dataset, 'trial': opt.trial}
     cfg = RunConfig.from_opt(opt, run_dir, opt.model, summary)
-    distributed.wrap(distiller, device)  # DistributedDataParallel under torchrun
-    try:
-        return fit(distiller, data, cfg, device)
-    finally:
-        distributed.cleanup()
+    return fit(distiller, data, cfg, device)
 
 
 def cli(argv: list[str] | None = None) -> int:

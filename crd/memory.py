@@ -79,7 +79,7 @@ class ContrastMemory(nn.Module):
         momentum = self.params[_MOMENTUM]          # a tensor: no host read
         # under torchrun every rank applies every rank's batch, so all ranks keep an identical bank
         y, v = distributed.all_gather_cat(y), distributed.all_gather_cat(v.detach())
-        rows = memory.index_select(0, y).mul_(momentum).add_(v.detach() * (1 - momentum))
+        rows = memory.index_select(0, y).mul_(momentum).add_(v * (1 - momentum))
         memory.index_copy_(0, y, self.l2norm(rows))
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

@@ -185,21 +185,23 @@ def get_dataloaders(
         test_batch_size = max(1, batch_size // 2)
     if persistent_workers is None:
         persistent_workers = dataset == "imagenet"
-    common = dict(pin_memory=pin_memory, worker_init_fn=seed_worker, persistent_workers=False)
-    train_loader = DataLoader(  # type: ignore[call-overload]
-        train_items, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-        generator=torch.Generator(), drop_last=drop_last,
-        **{**common, "persistent_workers": persistent_workers and num_workers > 0},
-    )
+
+    def workers(n: int, keep: bool = persistent_workers) -> dict:
+        return dict(num_workers=n, persistent_workers=keep and n > 0)
+
+    common = dict(pin_memory=pin_memory, worker_init_fn=seed_worker)
+    train_loader = DataLoader(train_items, batch_size=batch_size, shuffle=True, generator=torch.Generator(),
+                              drop_last=drop_last, **workers(num_workers), **common)
     # the evaluation loaders get generators of their own: without one, each iteration draws its workers' base
     # seed from the global torch RNG, so an offline stage that reads train_eval_loader only when its cache is
     # missing would change the augmentation of the training run that follows
     evaluation = dict(batch_size=test_batch_size, shuffle=False, **common)
-    val_loader = DataLoader(test_set, num_workers=num_workers // 2, generator=torch.Generator(),  # type: ignore[call-overload]
-                            **{**evaluation, "persistent_workers": persistent_workers and num_workers // 2 > 0})
+    val_loader = DataLoader(test_set, generator=torch.Generator(), **workers(num_workers // 2), **evaluation)
     test_loader = None if held_out is None else DataLoader(
-        held_out, num_workers=num_workers // 2, generator=torch.Generator(), **evaluation)
-    train_eval_loader = DataLoader(eval_set, num_workers=num_workers, generator=torch.Generator(), **evaluation)
+        held_out, generator=torch.Generator(), **workers(num_workers // 2, keep=False), **evaluation)
+    # read once (offline stages): its workers are not kept
+    train_eval_loader = DataLoader(eval_set, generator=torch.Generator(), **workers(num_workers, keep=False),
+                                   **evaluation)
     bundle = DataBundle(
         train_loader=train_loader,
         val_loader=val_loader,

@@ -358,8 +358,7 @@ class TDD(Distiller):
         self.stage_channels = [f.shape[1] for f, _ in zip(maps_s, maps_t)]
         self.teacher_stages = list(range(1, len(maps_t) + 1))
         self.heads = nn.ModuleList()
-        self._correct: list[Tensor] = []
-        self._seen = torch.zeros((), dtype=torch.long)    # a tensor: a traced int would recompile every step
+        self._reset_head_counts()
 
     # ---------------------------------------------------------------- offline stage
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
@@ -427,8 +426,14 @@ class TDD(Distiller):
         device = next(self.student.parameters()).device
         self.heads = nn.ModuleList(DecisionHead(c, groups, self.num_classes)
                                    for c, groups in zip(self.stage_channels, partitions)).to(device)
-        self._correct = [torch.zeros((), dtype=torch.long) for _ in self.heads]
-        self._seen = torch.zeros((), dtype=torch.long)    # a tensor: a traced int would recompile every step
+        self._reset_head_counts()
+
+    def _reset_head_counts(self) -> None:
+        """Zero the heads' correct counts and the image count: tensors on the student's device (traced ints would
+        recompile a compiled step every step; CPU tensors would keep a CUDA step out of CUDA graphs)."""
+        device = next(self.student.parameters()).device
+        self._correct: list[Tensor] = [torch.zeros((), dtype=torch.long, device=device) for _ in self.heads]
+        self._seen = torch.zeros((), dtype=torch.long, device=device)
 
     def partitions(self) -> list[Partition]:
         """The partitions of the distilled stages (read back from the heads)."""
@@ -467,13 +472,12 @@ class TDD(Distiller):
     def epoch_metrics(self) -> dict[str, float]:
         """Groups per distilled stage and the heads' coarse training accuracy (%) since the last call."""
         metrics: dict[str, float] = {}
+        seen = int(self._seen)
         for i, head in enumerate(self.heads, start=1):
             metrics[f'tdd_groups_{i}'] = float(len(head.group_weight))
-            seen = int(self._seen)
             if seen:
                 metrics[f'tdd_head_acc_{i}'] = 100.0 * self._correct[i - 1].item() / seen
-        self._correct = [torch.zeros((), dtype=torch.long) for _ in self.heads]
-        self._seen = torch.zeros((), dtype=torch.long)    # a tensor: a traced int would recompile every step
+        self._reset_head_counts()
         return metrics
 
 

@@ -48,8 +48,7 @@ from torch import Tensor
 from dataset import DATASETS, get_dataloaders
 from helper.errors import UserError
 from helper.options import run_cli, teacher_name_from_path
-from helper.teachers import is_torchvision_teacher, teacher_identity
-from helper.util import file_sha256  # noqa: F401  (tests read the file identity from here)
+from helper.teachers import teacher_exists, teacher_identity
 from helper.util import load_checkpoint, load_teacher, progress, resolve_device, save_checkpoint
 from models import Site, create_model, model_facts, model_names, site_shapes, tap
 
@@ -368,7 +367,7 @@ def quantizer_files(*, teacher_arch: str, teacher_path: str | Path, roles: tuple
                     settings: OfflineSettings, cache_dir: str | Path, backend: str = 'faiss-cpu'
                     ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
     """(expected metadata, file path) per role; ``backend`` is the penultimate k-means' (``kmeans_backend``)."""
-    if teacher_path is None or not (is_torchvision_teacher(teacher_path) or Path(teacher_path).is_file()):
+    if not teacher_exists(teacher_path):
         raise UserError(f"letKD/QUEST need the teacher checkpoint file to identify the quantizers: {teacher_path}")
     sha = teacher_identity(teacher_path)
     metas = {role: expected_meta(role, teacher_sha256=sha, teacher_arch=teacher_arch, dataset=dataset,
@@ -466,7 +465,7 @@ def main(opt: argparse.Namespace) -> dict[str, Path]:
     check_quantizer_options(opt)
     if opt.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {opt.batch_size}")
-    if not (is_torchvision_teacher(opt.path_t) or Path(opt.path_t).is_file()):
+    if not teacher_exists(opt.path_t):
         raise UserError(f"teacher checkpoint not found: {opt.path_t}")
     roles = tuple(role for role in ROLES if role in opt.layers)
     device = resolve_device(opt.device)

@@ -168,6 +168,7 @@ class FastTrainer:
     def __init__(self, distiller: Distiller, optimizer: torch.optim.Optimizer, device: torch.device,
                  options: FastOptions = FastOptions()) -> None:
         self.distiller, self.optimizer, self.device, self.options = distiller, optimizer, device, options
+        self.forward_train = distributed.forward_train_of(distiller)  # inside DistributedDataParallel under torchrun
         self.names: list[str] | None = None
         self.full_batch: int | None = None
         self.compiled = None
@@ -186,12 +187,11 @@ class FastTrainer:
     def _forward(self, image: torch.Tensor, target: torch.Tensor, epoch: int, extras: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, [loss * n, correct@1, correct@5], {name: term}); the last two without grad."""
-        forward_train = distributed.forward_train_of(self.distiller)  # inside DistributedDataParallel under torchrun
         if self.options.amp == 'bf16':
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                logits, losses = forward_train(image, target, epoch=epoch, **extras)
+                logits, losses = self.forward_train(image, target, epoch=epoch, **extras)
         else:
-            logits, losses = forward_train(image, target, epoch=epoch, **extras)
+            logits, losses = self.forward_train(image, target, epoch=epoch, **extras)
         loss = total_loss(losses)
         with torch.no_grad():
             k = min(5, logits.shape[1])

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dataset import DATASETS
+from helper import distributed
 from helper.distributed import launched_by_torchrun
 from helper.errors import UserError
+from helper.teachers import PREFIX as TORCHVISION_PREFIX, is_torchvision_teacher
 from helper.util import default_learning_rate, parse_milestones, seed_from_trial
 
 
@@ -217,8 +219,8 @@ def teacher_name_from_path(path: str) -> str | None:
     -> wrn_40_2; a distilled student folder ``S:resnet8x4_T:resnet32x4_...`` -> resnet8x4;
     ``torchvision:ResNet34`` (torchvision's ImageNet weights) -> ResNet34.
     """
-    if path.startswith('torchvision:'):
-        return path[len('torchvision:'):]
+    if is_torchvision_teacher(path):
+        return path[len(TORCHVISION_PREFIX):]
     folder = Path(path).parent.name
     for sep in (':', '~'):
         if folder.startswith(f'S{sep}') and f'_T{sep}' in folder:
@@ -231,11 +233,14 @@ def teacher_name_from_path(path: str) -> str | None:
 
 def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], Any],
             argv: list[str] | None = None) -> int:
-    """Parse, run ``main``; a UserError becomes one line on stderr and exit code 2."""
+    """Parse, run ``main``; a UserError becomes one line on stderr and exit code 2. Under torchrun the process
+    leaves its process group at the end (``main`` joined it)."""
     opt = parser.parse_args(argv)
     try:
         main(opt)
     except UserError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()
     return 0

@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from dataset import set_epoch
+from dataset import get_dataloaders, set_epoch
+from dataset.device_data import device_bundle
 from distiller_zoo.base import Distiller
 from helper import distributed
 from helper.errors import UserError
+from helper.options import data_options
 from helper.loops import (FastOptions, FastTrainer, LossNotFinite, configure_fast_path, train_one_epoch,
                           train_one_epoch_fast, validate)
 from helper.util import (count_macs, count_params, device_name, git_sha, load_checkpoint, lr_at_epoch, rng_state,
@@ -54,9 +56,28 @@ def check_run_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def create_run_dir(path: Path, *, overwrite: bool) -> None:
-    if overwrite and path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    """Create (with ``overwrite``: empty first) the run folder. Under torchrun rank 0 does it once every rank has
+    checked the folder (``check_run_dir``), and the others wait for it."""
+    distributed.barrier()
+    if distributed.is_main():
+        if overwrite and path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+
+
+def load_data(opt: Any, device: torch.device, mode: str, **loader_options: Any) -> Any:
+    """A run's data from its resolved options: the loaders (sharded under torchrun), then moved onto the device
+    and augmented there with ``--device_data`` (dataset/device_data.py). ``loader_options``: CRD's ``nce_k`` and
+    ``crd_mode``."""
+    data = distributed.shard(get_dataloaders(
+        opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode=mode, pad_mode=opt.pad_mode,
+        download=opt.download, seed=opt.seed, pin_memory=device.type == 'cuda', **loader_options,
+        **data_options(opt)), opt.seed)
+    if opt.device_data:
+        data = device_bundle(data, opt.dataset, device, mode=mode, pad_mode=opt.pad_mode, augment=opt.tiny_aug,
+                             seed=opt.seed, channels_last=opt.channels_last)
+    return data
 
 
 @dataclass
@@ -133,6 +154,7 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
     run_dir = cfg.run_dir
     if cfg.fast_loop:
         configure_fast_path(distiller, device, cfg.fast)   # before the optimizer: channels_last weights
+    distributed.wrap(distiller, device)   # under torchrun: the step inside DDP, after the weights' final layout
     optimizer = build_optimizer(distiller, cfg)
     trainer = FastTrainer(distiller, optimizer, device, cfg.fast) if cfg.fast_loop else None
     start_epoch, best_acc, best_epoch, wall_time = 1, -1.0, 0, 0.0

@@ -67,13 +67,23 @@ def load_torchvision_state_dict(path_t: str) -> dict[str, torch.Tensor]:
                         "$TORCH_HOME/hub/checkpoints/") from err
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB blocks); identifies a teacher checkpoint in cache metadata."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_exists(path_t: str | os.PathLike | None) -> bool:
+    """A teacher checkpoint file that exists, or a ``torchvision:<name>`` teacher."""
+    return path_t is not None and (is_torchvision_teacher(path_t) or os.path.isfile(path_t))
+
+
 def teacher_identity(path_t: str | os.PathLike) -> str:
     """A sha256 that identifies the teacher's weights: the file's, or for ``torchvision:<name>`` the URL's."""
     if is_torchvision_teacher(path_t):
         url = torchvision_weights(torchvision_teacher_name(str(path_t))).url
         return hashlib.sha256(url.encode()).hexdigest()
-    digest = hashlib.sha256()  # as helper.util.file_sha256 (not imported: helper.util imports this module)
-    with open(path_t, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path_t)

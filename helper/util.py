@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import random
@@ -18,6 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from helper.distributed import is_main
 from helper.errors import UserError
 
 def default_learning_rate(model_name: str) -> float:
@@ -142,15 +142,6 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file (read in 1 MiB blocks); identifies a teacher checkpoint in cache metadata."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @torch.no_grad()
 def count_macs(module: nn.Module, image_size: int) -> int:
     """Multiply-adds of one forward of a (1, 3, S, S) image (convolutions and matmuls; eval mode)."""
@@ -218,7 +209,6 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     plain ``torch.load`` on a machine without a GPU, as RepDistiller-style tools do.
     Under torchrun only rank 0 writes (helper/distributed.py); the other ranks return.
     """
-    from helper.distributed import is_main
     if not is_main():
         return
     cpu_obj = to_cpu(obj)
@@ -227,7 +217,6 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:
     """json.dump, atomically (under torchrun rank 0 only)."""
-    from helper.distributed import is_main
     if not is_main():
         return
     atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + '\n').encode()))

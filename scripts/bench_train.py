@@ -98,22 +98,17 @@ def _options(args: argparse.Namespace, method: str, config: dict[str, Any], teac
     flags = ['--distill', method, '--model_s', args.model_s, '--model_t', args.model_t, '--path_t', teacher_file,
              '--dataset', args.dataset, '--data_folder', args.data_folder, '--batch_size', str(args.batch_size),
              '--num_workers', str(args.num_workers), *shlex.split(args.method_flags)]
-    if config.get('device_data'):
-        flags.append('--device_data')
+    for flag in ('device_data', 'tf32', 'channels_last'):   # the configuration as the CLI's flags
+        if config.get(flag):
+            flags.append(f'--{flag}')
+    flags += ['--compile', config.get('compile', 'none'), '--amp', config.get('amp', 'none')]
     return train_student.resolve_options(train_student.get_args_parser().parse_args(flags))
 
 
-def _data(args: argparse.Namespace, opt: Any, mode: str, device: Any, device_data: bool, channels_last: bool) -> Any:
-    from dataset import get_dataloaders
-    from dataset.device_data import device_bundle
-    from helper.options import data_options
-    data = get_dataloaders(opt.dataset, opt.data_folder, opt.batch_size, opt.num_workers, mode=mode,
-                           pad_mode=opt.pad_mode, seed=opt.seed, nce_k=opt.nce_k, crd_mode=opt.mode,
-                           pin_memory=device.type == 'cuda', **data_options(opt))
-    if device_data:
-        data = device_bundle(data, opt.dataset, device, mode=mode, pad_mode=opt.pad_mode, augment=opt.tiny_aug,
-                             seed=opt.seed, channels_last=channels_last)
-    return data
+def _data(opt: Any, mode: str, device: Any) -> Any:
+    """The run's data as train_student.py builds it (loaders, then device data with --device_data)."""
+    from helper.run import load_data
+    return load_data(opt, device, mode, nce_k=opt.nce_k, crd_mode=opt.mode)
 
 
 def write_generated_imagenet(root: Path, per_class: int, classes: int = 10, seed: int = 0) -> None:
@@ -183,16 +178,14 @@ def run_one(args: argparse.Namespace, method: str, config_name: str) -> dict[str
         teacher_file = str(Path(tmp) / 'teacher' / 'ckpt.pth')
         opt = _options(args, method, config, teacher_file)
         distiller_cls = DISTILLERS[canonical_name(method)]
-        data = _data(args, opt, distiller_cls.data_mode, device, bool(config.get('device_data')),
-                     bool(config.get('channels_last')))
+        data = _data(opt, distiller_cls.data_mode, device)
         teacher = create_model(args.model_t, num_classes=data.num_classes).to(device)
         Path(teacher_file).parent.mkdir(parents=True)
         torch.save({'model': teacher.state_dict()}, teacher_file)
         student = create_model(args.model_s, num_classes=data.num_classes).to(device)
         distiller = distiller_cls(student, teacher if distiller_cls.needs_teacher else None, opt, data.info).to(device)
         distiller.prepare(data, device=device, cache_dir=str(Path(tmp) / 'cache'), resumed=False)
-    options = FastOptions(amp=config.get('amp', 'none'), channels_last=bool(config.get('channels_last')),
-                          compile=config.get('compile', 'none'), tf32=bool(config.get('tf32')))
+    options = FastOptions.from_opt(opt)
     if config.get('fast_loop'):
         configure_fast_path(distiller, device, options)
     optimizer = torch.optim.SGD(list(distiller.trainable_parameters()), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -244,7 +237,7 @@ def loader_one(args: argparse.Namespace, config_name: str) -> dict[str, Any]:
     device_data = config_name == 'device_data'
     with tempfile.TemporaryDirectory() as tmp:
         opt = _options(args, 'kd', {'device_data': device_data}, str(Path(tmp) / 't.pth'))
-    data = _data(args, opt, 'plain', device, device_data, False)
+    data = _data(opt, 'plain', device)
     batches = _batches(data, opt.seed)
     for _ in range(args.warmup):
         next(batches)[0].to(device)

@@ -158,12 +158,13 @@ def test_flag_checks_run_in_the_resolver(distill, flags, message):
 
 
 def test_bad_flags_are_refused_before_any_data_is_read(tmp_path, capsys, monkeypatch):
+    import helper.run
     import train_student as cli
 
     def no_data(*args, **kwargs):
         raise AssertionError('data was read')
 
-    monkeypatch.setattr(cli, 'get_dataloaders', no_data)
+    monkeypatch.setattr(helper.run, 'get_dataloaders', no_data)   # what the CLIs' load_data reads with
     teacher = tmp_path / 'resnet8_vanilla' / 'ckpt_epoch_240.pth'
     teacher.parent.mkdir()
     teacher.write_bytes(b'')

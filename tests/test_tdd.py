@@ -219,6 +219,15 @@ def test_reference_teacher_feature_needs_a_cifar_resnet_with_three_blocks(teache
         train_student.get_args_parser().parse_args(['--tdd_prototype', 'median'])
 
 
+def test_head_counters_live_on_the_students_device_and_stay_tensors():
+    """On CUDA, CPU counters would keep a compiled step out of CUDA graphs; ints would recompile it every step.
+    The meta device stands in for a GPU."""
+    distiller = build().to('meta')
+    distiller.set_partitions([modulo_partition(10, m) for m in (2, 5, 10)])
+    counters = [distiller._seen, *distiller._correct]
+    assert len(counters) == 4 and all(isinstance(c, torch.Tensor) and c.device.type == 'meta' for c in counters)
+
+
 # ------------------------------------------------------------------------- the decision loss
 def test_decision_loss_equals_the_weighted_ce_formula():
     distiller = build()
