@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--methods', nargs='+', default=None, help='default: every registered method')
     args = parser.parse_args(argv)
     from distiller_zoo.registry import DISTILLERS
-    from tests.fixtures_data import write_cifar100
+    from dataset.generated import write_cifar100
     size = sizes(args.tiny)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix='gpu_check_'))
     data = work / 'data'
