@@ -17,6 +17,7 @@ from distiller_zoo.registry import ALIASES, DISTILLERS, add_method_arguments, ca
 from helper import distributed
 from helper.errors import UserError
 from helper.loops import validate
+from helper.numerics import set_tf32
 from helper.options import (ResolvedOptions, add_common_arguments, freeze, resolve_common, run_cli,
                             student_folder_name, teacher_name_from_path, updated)
 from helper.run import RunConfig, check_run_dir, create_run_dir, fit, load_data
@@ -105,6 +106,7 @@ def main(parsed: argparse.Namespace) -> dict:
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
 
     seed_everything(opt.seed, opt.deterministic)
+    set_tf32(opt.tf32)   # both directions: without --tf32 CUDA convolves in true float32, not cuDNN's default TF32
     data = load_data(opt, device, method.data_mode, nce_k=opt.nce_k, crd_mode=opt.mode)
     teacher = None
     if method.needs_teacher:

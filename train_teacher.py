@@ -15,6 +15,7 @@ from pathlib import Path
 from distiller_zoo.logit_kd import Vanilla
 from helper import distributed
 from helper.errors import UserError
+from helper.numerics import set_tf32
 from helper.options import (ResolvedOptions, add_common_arguments, freeze, resolve_common, run_cli,
                             teacher_folder_name, updated)
 from helper.run import RunConfig, check_run_dir, create_run_dir, fit, load_data
@@ -58,6 +59,7 @@ def main(parsed: argparse.Namespace) -> dict:
     check_run_dir(run_dir, resume=opt.resume, overwrite=opt.overwrite)
 
     seed_everything(opt.seed, opt.deterministic)
+    set_tf32(opt.tf32)   # both directions: without --tf32 CUDA convolves in true float32, not cuDNN's default TF32
     data = load_data(opt, device, 'plain')
     model = create_model(opt.model, num_classes=data.num_classes, dataset=opt.dataset)
     distiller = Vanilla(model, None, opt, data.info).to(device)

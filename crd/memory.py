@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from helper import distributed
+from helper.numerics import fp32_matmul
 from models.util import Normalize
 
 # layout of the ``params`` buffer (RepDistiller's): K, T, Z_v1, Z_v2, momentum; Z < 0 means "not fixed yet"
@@ -54,13 +55,20 @@ class ContrastMemory(nn.Module):
         return idx
 
     def _scores(self, memory: Tensor, idx: Tensor, anchor: Tensor) -> Tensor:
-        """exp(<memory[idx], anchor> / T): (B, K+1, 1); no gradient into the memory."""
-        batch, dim = anchor.shape
-        rows = memory.index_select(0, idx.reshape(-1)).detach().view(batch, -1, dim)
-        return torch.exp(torch.bmm(rows, anchor.view(batch, dim, 1)) / self.params[_T].clone())
+        """exp(<memory[idx], anchor> / T): (B, K+1, 1); no gradient into the memory.
 
-    # eager even inside a compiled step: a host read, a collective and a print, on the first call only
-    @torch.compiler.disable
+        The anchors are scored against the whole bank in one product (B x n_data floats, 13 MB for CIFAR-100
+        at batch 64), then the (B, K+1) scores are gathered; gathering the rows first would copy B x (K+1) x
+        feat_dim floats (0.5 GB at the defaults). The product's backward needs the bank as it was here, and the
+        memory update changes it in place before the backward runs: so it reads a copy (n_data x feat_dim
+        floats, 26 MB for CIFAR-100). In float32 (``fp32_matmul``, autocast off): after the division by
+        T = 0.07 a bf16 or TF32 rounding of the score moves exp() by percents.
+        """
+        with torch.autocast(anchor.device.type, enabled=False):
+            scores = fp32_matmul(anchor, memory.clone().t()).gather(1, idx)          # (B, K+1)
+            return torch.exp(scores / self.params[_T].clone()).unsqueeze(2)
+
+    # eager: the first step of a run (the fast path runs it uncompiled) reads Z on the host and prints it once
     @torch.no_grad()
     def _set_constants_once(self, out_v1: Tensor, out_v2: Tensor) -> None:
         """Z := mean(out) * n_data from the first batch (under torchrun: the mean over all ranks' first batches),

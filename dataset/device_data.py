@@ -5,9 +5,9 @@ draws, from one ``torch.Generator`` on the device seeded by ``epoch_seed(seed, e
 shuffling order, a crop offset per sample (uniform over the (2p+1)^2 positions, as RandomCrop), a flip
 per sample (probability 1/2, as RandomHorizontalFlip) and, for Tiny-ImageNet's default augmentation, a
 rotation angle per sample (uniform in [-20, 20] degrees, nearest neighbour, black corners, as
-RandomRotation(20) does on tensors). A batch is one gather (crop + flip folded into the index) and one
-fused multiply-add (ToTensor's /255 and Normalize). Nothing in a batch reads the host, so a training
-step never waits for the CPU; a run is resumable because every draw is a function of (seed, epoch).
+RandomRotation(20) does on tensors). The crop + flip indices of every sample are made once per epoch; a
+batch is then one gather and one fused multiply-add (ToTensor's /255 and Normalize). Nothing in a batch reads
+the host, so a training step never waits for the CPU; a run is resumable because every draw is a function of (seed, epoch).
 
 Batches have the reference loaders' layout: (image, target) for mode 'plain', (image, target, index)
 for 'instance', (image, target, index, sample_idx) for 'crd'. CRD's sample_idx is drawn on the device
@@ -204,14 +204,25 @@ class DeviceTrainLoader:
             angles = (torch.rand(n, generator=g, device=self.device) * 2 - 1) * aug.rotate_degrees
         return {"order": order, "offsets": offsets, "flips": flips, "angles": angles}
 
-    def augment(self, index: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None,
-                angles: torch.Tensor | None) -> torch.Tensor:
-        """Normalised float (B, 3, H, W) images of ``index`` cropped at ``offsets`` (B, 2: row, column),
-        flipped where ``flips`` and rotated by ``angles`` (degrees)."""
+    def crop_indices(self, offsets: torch.Tensor, flips: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded image's rows (B, H) and columns (B, W) that crops at ``offsets`` (B, 2: row, column) read,
+        the columns reversed where ``flips``: crop and flip folded into one gather's indices."""
         rows = offsets[:, 0:1] + self.rows                                       # (B, H)
         cols = offsets[:, 1:2] + self.cols                                       # (B, W)
         if flips is not None:
             cols = torch.where(flips[:, None], offsets[:, 1:2] + (self.width - 1) - self.cols, cols)
+        return rows, cols
+
+    def augment(self, index: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None,
+                angles: torch.Tensor | None) -> torch.Tensor:
+        """Normalised float (B, 3, H, W) images of ``index`` cropped at ``offsets`` (B, 2: row, column),
+        flipped where ``flips`` and rotated by ``angles`` (degrees)."""
+        rows, cols = self.crop_indices(offsets, flips)
+        return self._render(index, rows, cols, flips, angles)
+
+    def _render(self, index: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, flips: torch.Tensor | None,
+                angles: torch.Tensor | None) -> torch.Tensor:
+        """One gather of the crops (``crop_indices``), normalised; rotated first when ``angles`` is given."""
         pixels = self.padded[index[:, None, None], rows[:, :, None], cols[:, None, :]]   # (B, H, W, 3) uint8
         if angles is None:
             return _to_nchw(pixels, self.scale, self.shift, self.channels_last)
@@ -227,12 +238,18 @@ class DeviceTrainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         drawn = self.draw_epoch()
         order = drawn["order"]
+        # the epoch's draws in batch order, and the crop + flip indices of every sample, made once per epoch:
+        # a batch is then slices (views) plus one gather and one multiply-add
+        in_order = {name: None if value is None else value[order] for name, value in drawn.items() if name != "order"}
+        rows, cols = self.crop_indices(in_order["offsets"], in_order["flips"])
+        targets = self.targets[order]
         for b in range(len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
-            flips = None if drawn["flips"] is None else drawn["flips"][index]
-            angles = None if drawn["angles"] is None else drawn["angles"][index]
-            image = self.augment(index, drawn["offsets"][index], flips, angles)
-            target = self.targets[index]
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            index = order[batch]
+            flips = None if in_order["flips"] is None else in_order["flips"][batch]
+            angles = None if in_order["angles"] is None else in_order["angles"][batch]
+            image = self._render(index, rows[batch], cols[batch], flips, angles)
+            target = targets[batch]
             if self.mode == "plain":
                 yield image, target
             elif self.mode == "instance":

@@ -1,7 +1,7 @@
 """DKD: Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022), with mdistiller's numbers.
 
 ``DKDLoss`` is ``alpha * TCKD + beta * NCKD`` (no CE, no warm-up). The Distiller ``dkd`` adds
-``-r`` x CE and multiplies DKD by ``min(epoch / --dkd_warmup, 1)``.
+``-r`` x CE and multiplies DKD by ``min(epoch / --dkd_warmup, 1)``, a buffer ``start_epoch`` sets.
 """
 from __future__ import annotations
 
@@ -89,16 +89,20 @@ class DKD(Distiller):
         super().__init__(student, teacher, opt, info)
         self.warmup = int(opt.dkd_warmup)
         self.criterion_dkd = DKDLoss(opt.dkd_alpha, opt.dkd_beta, opt.dkd_T)
+        # the epoch's warm-up factor as a tensor: a Python number would recompile a compiled step every epoch
+        self.register_buffer('warmup_scale', torch.tensor(self.warmup_factor(1)), persistent=False)
 
     def warmup_factor(self, epoch: int) -> float:
         """min(epoch / warmup, 1) for 1-indexed epochs (1 without warm-up)."""
         return min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
 
-    def forward_train(self, image: Tensor, target: Tensor, *, epoch: int, **extras: Any
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    def start_epoch(self, epoch: int) -> None:
+        self.warmup_scale.fill_(self.warmup_factor(epoch))
+
+    def forward_train(self, image: Tensor, target: Tensor, **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:
         logit_s = self.student(image)
         with torch.no_grad():
             logit_t = self.teacher(image)
         losses = self.logit_losses(logit_s, logit_t, target)
-        losses[self.name] = self.warmup_factor(epoch) * self.criterion_dkd(logit_s, logit_t, target)
+        losses[self.name] = self.warmup_scale * self.criterion_dkd(logit_s, logit_t, target)
         return logit_s, losses

@@ -24,8 +24,10 @@ def _pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def _normalised_distances(e: torch.Tensor) -> torch.Tensor:
+    """Distances divided by their mean over the positive entries (RepDistiller's ``d[d > 0].mean()``, as a sum
+    over a count: no boolean indexing, whose data-dependent shape would break a compiled step's graph)."""
     d = _pairwise_distances(e)
-    return d / d[d > 0].mean()
+    return d / (d.sum() / (d > 0).sum())
 
 
 def _angles(e: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ method's extra modules. The loop calls only:
 - ``trainable_parameters()``  for the optimizer
 - ``deployable()``            the module that is evaluated, counted and saved as "the student"
 - ``prepare(data, device=..., cache_dir=..., resumed=...)``  offline / init stages (optional)
+- ``start_epoch(epoch)``      per-epoch values (e.g. DKD's warm-up factor) written into buffers (optional)
 - ``epoch_metrics()``         extra per-epoch scalars to log (optional)
 - ``summary_extras()``        extra values for summary.json (optional)
 
@@ -15,6 +16,11 @@ an argument group to a parser; train_student.py's parser is built from the regis
 and checks its flags and resolves its defaults in ``resolve_options``, which runs before any data is
 read and returns the options that args.json records. Constructors get those options read-only, plus the
 data's facts (``DataInfo``: num_classes, n_data, image_size).
+
+One graph per step (the fast path compiles ``forward_train``, CUDA graphs on a GPU): nothing in
+``forward_train`` registers hooks, reads a tensor on the host or depends on a Python number that changes
+between steps; set-up happens in the constructor or ``prepare``, per-epoch factors live in buffers that
+``start_epoch`` fills in place, and per-step statistics are added to buffers in place (helper/meters.py).
 
 Loss weights follow RepDistiller: ``-r`` (gamma) for CE, ``-a`` (alpha) for logit KD and ``-b``
 (beta) for the method's own loss.
@@ -130,6 +136,10 @@ class Distiller(nn.Module):
 
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
         """Offline or init stage before training (quantizers, class trees, AB/FT/FSP init). Default: none."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the loops before each (1-indexed) epoch: write per-epoch values into buffers in place,
+        never into Python attributes a compiled step reads. Default: nothing."""
 
     def epoch_metrics(self) -> dict[str, float]:
         """Extra scalars for this epoch's log line (and reset their accumulators). Default: none."""

@@ -38,8 +38,10 @@ from helper.errors import UserError
 from helper.letkd_offline import (ROLES, OfflineSettings, add_quantizer_arguments, check_quantizer_options,
                                   codebook_targets, ensure_quantizers, flatten_positions, kd_sites, lda_project,
                                   nearest_subclass_of_class, pair_shapes, pool_teacher_to)
+from helper.meters import DeviceMeters
+from helper.numerics import fp32_matmul
 from helper.options import updated
-from models import attach, create_model, tap
+from models import SiteRecorder, attach, create_model
 
 NORM_EPS = 1e-12
 PREDICTOR_SCALE = 3.0            # initial scale of the word predictor (cosine conv C -> K)
@@ -184,21 +186,15 @@ def position_kl_lse(scores: Tensor, target: Tensor, target_neg_entropy: Tensor) 
     return _PositionKL.apply(scores.float(), target.detach(), target_neg_entropy.detach())
 
 
+SITE_METRICS = ('kl', 'agree', 'perplexity', 'teacher_maxprob')   # per-site epoch metrics, <metric>_<role>
+
+
 class SiteTargets(NamedTuple):
     """The teacher's targets at one KD site, per position: ``probs`` (N, K) fp32, ``neg_entropy`` (N,)
     sum_k p log p, ``hard`` (N,) the assignment (nearest word or chosen sub-class)."""
     probs: Tensor
     neg_entropy: Tensor
     hard: Tensor
-
-
-def _fp32_logits_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of the codebook's distance GEMM: float64 on CUDA when TF32 may round fp32 matmuls
-    (TF32's 10-bit mantissa, times tau, visibly shifts the soft targets), float32 otherwise."""
-    if device.type == 'cuda' and (torch.backends.cuda.matmul.allow_tf32
-                                  or torch.get_float32_matmul_precision() != 'highest'):
-        return torch.float64
-    return torch.float32
 
 
 class CodebookQuantizer(nn.Module):
@@ -226,14 +222,13 @@ class CodebookQuantizer(nn.Module):
         return target, target.argmax(1)
 
     def targets(self, t: Tensor, labels: Tensor) -> SiteTargets:
-        """``forward``'s targets in full fp32 whatever the autocast / TF32 state, with their negative
-        entropy from the logits; one (N, K) logit buffer, made in place into the probabilities."""
+        """``forward``'s targets in float32 accuracy whatever the autocast / TF32 state (``fp32_matmul``), with
+        their negative entropy from the logits; one (N, K) logit buffer, made in place into the probabilities."""
         with torch.autocast(t.device.type, enabled=False):
-            dtype = _fp32_logits_dtype(t.device)
-            centroids = self.centroids.to(dtype)
+            centroids = self.centroids.float()
             # tau * (2 t.c - |c|^2), codebook_targets' operations in its order (||t||^2 cancels in the
             # softmax), the last two in place on the GEMM's output
-            logits = ((2.0 * t.to(dtype)) @ centroids.t()).sub_(centroids.pow(2).sum(1)).mul_(self.tau).float()
+            logits = fp32_matmul(2.0 * t.float(), centroids.t()).sub_(centroids.pow(2).sum(1)).mul_(self.tau)
             hard = logits.argmax(1)
             logits.sub_(logits.amax(1, keepdim=True))                  # row max 0: exp in (0, 1]
             probs = logits.exp()
@@ -255,11 +250,10 @@ class SubclassQuantizer(nn.Module):
     def __init__(self, num_classes: int, k_inter: int, dim: int) -> None:
         super().__init__()
         self.k_inter, self.dim, self.num_subclasses = k_inter, dim, num_classes * k_inter
-        for name in ('scalings', 'xbar', 'centroids', 'scores'):     # sized by load()
+        # the offline file's tensors, and sum_k s log s of each row of ``scores`` (the targets' negative
+        # entropies); sized by load()
+        for name in ('scalings', 'xbar', 'centroids', 'scores', 'row_neg_entropy'):
             self.register_buffer(name, torch.zeros(0), persistent=False)
-        # sum_k s log s of each row of ``scores`` (the targets' negative entropies), set by load(); a plain
-        # attribute, not a buffer (the quantizer's buffers are the offline file's tensors)
-        self.row_neg_entropy = torch.zeros(0)
         self.loaded = False
 
     def load(self, tensors: dict[str, Tensor]) -> None:
@@ -281,32 +275,12 @@ class SubclassQuantizer(nn.Module):
         return self.scores[chosen], chosen
 
     def targets(self, t: Tensor, labels: Tensor) -> SiteTargets:
-        """``forward``'s targets in fp32 whatever the autocast state, and their negative entropy (a
-        per-row table of s_T, made by ``load``)."""
+        """``forward``'s targets in float32 accuracy whatever the autocast / TF32 state, and their negative
+        entropy (a per-row table of s_T, made by ``load``)."""
         with torch.autocast(t.device.type, enabled=False):
-            z = lda_project(t.float(), self.xbar, self.scalings)
+            z = lda_project(t.float(), self.xbar, self.scalings, matmul=fp32_matmul)
             chosen = nearest_subclass_of_class(z, labels, self.centroids, self.k_inter)
-        row_neg_entropy = self.row_neg_entropy.to(self.scores.device)     # a no-op unless moved after load
-        return SiteTargets(self.scores[chosen], row_neg_entropy[chosen], chosen)
-
-
-class DeviceMeter:
-    """A weighted running mean kept as a tensor where the values live: ``update`` adds without a host
-    sync; ``avg()`` reads it (one sync, at the epoch end)."""
-
-    def __init__(self) -> None:
-        self.total: Tensor | None = None
-        self.count = 0
-
-    def update(self, value: Tensor, weight: int = 1) -> None:
-        """Add ``weight * value`` (a 0-dim tensor) to the sum."""
-        term = value.detach().to(torch.float32 if value.device.type == 'mps' else torch.float64) * weight
-        self.total = term if self.total is None else self.total + term
-        self.count += weight
-
-    def avg(self) -> float:
-        """The weighted mean as a Python float (0.0 before any update)."""
-        return float(self.total) / self.count if self.total is not None and self.count else 0.0
+        return SiteTargets(self.scores[chosen], self.row_neg_entropy[chosen], chosen)
 
 
 # ---------------------------------------------------------------------------------------------- deployed student
@@ -447,7 +421,10 @@ class QuantizedKD(Distiller):
                                                      getattr(opt, self.tau_flag))
         self.quantizers = nn.ModuleDict(quantizers)
         self.kl_weight = self.beta
-        self.meters: dict[str, DeviceMeter] = {}
+        self.teacher_recorder = SiteRecorder(teacher, self.teacher_sites)   # hooks attached once, outside the step
+        device = next(student.parameters()).device
+        self.meters = nn.ModuleDict({role: DeviceMeters([f'{metric}_{role}' for metric in SITE_METRICS], device,
+                                                        per_call=[f'perplexity_{role}']) for role in self.roles})
 
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
         """Load the teacher's quantizers from ``<cache_dir>/letkd/``, building the missing ones first
@@ -462,9 +439,13 @@ class QuantizedKD(Distiller):
 
     @torch.no_grad()
     def teacher_features(self, image: Tensor) -> tuple[dict[str, Tensor], list[Tensor], Tensor]:
-        """The teacher's maps at the KD sites (pooled to the student's sizes), its feature list and its logits."""
-        with tap(self.teacher, self.teacher_sites) as maps:
-            feat_t, logit_t = self.teacher(image, is_feat=True)
+        """The teacher's maps at the KD sites (pooled to the student's sizes), its feature list and its logits.
+
+        The teacher runs in float32 even under ``--amp bf16``: its maps become the codebook / sub-class targets,
+        which the offline stage computed from float32 maps."""
+        with torch.autocast(image.device.type, enabled=False):
+            feat_t, logit_t = self.teacher(image.float(), is_feat=True)
+        maps = self.teacher_recorder.take()
         return {role: pool_teacher_to(maps[role], self.pool_sizes[role]) for role in self.roles}, feat_t, logit_t
 
     def teacher_maps(self, image: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -495,30 +476,24 @@ class QuantizedKD(Distiller):
             self._record(role, kl, s, targets.probs, targets.hard)
         return losses
 
-    # eager even inside a compiled step: traced, the meters' Python state (dict keys, counts) would be guarded and
-    # change every step, recompiling the step until torch.compile's limit and then running it eagerly
-    @torch.compiler.disable
     @torch.no_grad()
     def _record(self, role: str, kl: Tensor, scores: Tensor, target: Tensor, hard: Tensor) -> None:
-        """Add this batch's metrics to device-side sums (no host sync); ``epoch_metrics`` reads them."""
+        """Add this batch's metrics to the device meters, in place (no host sync; traced into a compiled
+        step); ``epoch_metrics`` reads them."""
         n = scores.shape[0]
         # scatter-add, not bincount: CUDA's bincount reads the input's max on the host
         histogram = torch.zeros(target.shape[1], device=hard.device).index_add_(
             0, hard, torch.ones(n, device=hard.device)) / n
-        values = {   # name -> (batch value as a 0-dim tensor, its weight)
-            f'kl_{role}': (kl.detach().float(), n),
-            f'agree_{role}': ((scores.argmax(1) == target.argmax(1)).float().mean() * 100.0, n),
-            f'perplexity_{role}': (torch.special.entr(histogram).sum().exp(), 1),
-            f'teacher_maxprob_{role}': (target.max(1).values.float().mean(), n),
-        }
-        for name, (value, weight) in values.items():
-            self.meters.setdefault(name, DeviceMeter()).update(value, weight)
+        values = torch.stack([kl.detach().float(),                                      # in SITE_METRICS' order
+                              (scores.argmax(1) == target.argmax(1)).float().mean() * 100.0,
+                              torch.special.entr(histogram).sum().exp(),               # a mean over batches
+                              target.max(1).values.float().mean()])
+        self.meters[role].add(values, n)
 
     def epoch_metrics(self) -> dict[str, float]:
-        """The epoch's weighted means (one host read per metric, here only) and a reset."""
-        metrics = {name: meter.avg() for name, meter in self.meters.items()}
-        self.meters = {}
-        return metrics
+        """The epoch's weighted means (one host read per site, here only) and a reset; a site without a step
+        gives none."""
+        return {name: value for meters in self.meters.values() for name, value in meters.take_averages().items()}
 
 
 class LetKD1(QuantizedKD):

@@ -18,7 +18,7 @@ from torch import Tensor
 from dataset import DataInfo
 from distiller_zoo.letkd import PREDICTOR_SCALE, CosineConv1x1, QuantizedKD
 from helper.letkd_offline import add_quantizer_arguments, kd_sites, pair_shapes
-from models import tap
+from models import SiteRecorder
 
 
 def add_quest_arguments(parser: ArgumentParser) -> None:
@@ -40,11 +40,10 @@ class QUEST(QuantizedKD):
         shapes_s, shapes_t = pair_shapes(student, teacher, opt.model_s, opt.model_t, self.roles, info.image_size,
                                          opt.dataset)
         super().__init__(student, teacher, opt, info, shapes_s, shapes_t)
-        self.student_sites = kd_sites(opt.model_s, self.roles, opt.dataset)
+        self.student_recorder = SiteRecorder(student, kd_sites(opt.model_s, self.roles, opt.dataset))
         self.predictor = CosineConv1x1(shapes_s['penult'][0], opt.k_penult, scale=PREDICTOR_SCALE)
 
     def forward_train(self, image: Tensor, target: Tensor, **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        with tap(self.student, self.student_sites) as maps:
-            logits = self.student(image)
-        scores = {'penult': self.predictor(maps['penult'])}
+        logits = self.student(image)
+        scores = {'penult': self.predictor(self.student_recorder.take()['penult'])}
         return logits, self.kd_losses(logits, scores, image, target)

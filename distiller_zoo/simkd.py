@@ -20,7 +20,7 @@ from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
 from distiller_zoo.deploy import register_deployable
 from helper.errors import UserError
-from models import create_model, model_facts, site_shapes, tap
+from models import SiteRecorder, create_model, model_facts, site_shapes
 from models.util import SimKD as SimKDProjector
 
 
@@ -89,6 +89,7 @@ class SimKDDistiller(Distiller):
         self.s_n, self.t_n = s_n, t_n
         self.target_size = tuple(target_size)
         self.projector = SimKDProjector(s_n=s_n, t_n=t_n, factor=self.factor)
+        self.teacher_maps = SiteRecorder(teacher, self.target_site)   # hooks attached once, outside the step
 
     @property
     def cls_t(self) -> nn.Module:
@@ -97,10 +98,11 @@ class SimKDDistiller(Distiller):
 
     def forward_train(self, image: Tensor, target: Tensor, **extras: Any) -> tuple[Tensor, dict[str, Tensor]]:
         feat_s, logit_s = self.student(image, is_feat=True)
-        with torch.no_grad(), tap(self.teacher, self.target_site) as maps:
+        with torch.no_grad():
             logit_t = self.teacher(image)
+        target_map = self.teacher_maps.take()['target']
         losses = self.logit_losses(logit_s, logit_t, target)
-        trans_feat_s, trans_feat_t, pred_feat_s = self.projector(feat_s[-2], maps['target'], self.cls_t)
+        trans_feat_s, trans_feat_t, pred_feat_s = self.projector(feat_s[-2], target_map, self.cls_t)
         losses[self.name] = self.beta * F.mse_loss(trans_feat_s, trans_feat_t)
         return pred_feat_s, losses
 

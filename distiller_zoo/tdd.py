@@ -40,6 +40,7 @@ from dataset import DataInfo
 from distiller_zoo.base import Distiller, probe_features
 from distiller_zoo.crd import build_crd_loss
 from helper.errors import UserError
+from helper.meters import DeviceMeters
 from helper.teachers import teacher_identity
 from helper.util import load_checkpoint, progress, save_checkpoint
 from models import create_model
@@ -358,7 +359,7 @@ class TDD(Distiller):
         self.stage_channels = [f.shape[1] for f, _ in zip(maps_s, maps_t)]
         self.teacher_stages = list(range(1, len(maps_t) + 1))
         self.heads = nn.ModuleList()
-        self._reset_head_counts()
+        self.head_meters = DeviceMeters([])
 
     # ---------------------------------------------------------------- offline stage
     def prepare(self, data: Any, *, device: torch.device, cache_dir: str, resumed: bool = False) -> None:
@@ -426,14 +427,8 @@ class TDD(Distiller):
         device = next(self.student.parameters()).device
         self.heads = nn.ModuleList(DecisionHead(c, groups, self.num_classes)
                                    for c, groups in zip(self.stage_channels, partitions)).to(device)
-        self._reset_head_counts()
-
-    def _reset_head_counts(self) -> None:
-        """Zero the heads' correct counts and the image count: tensors on the student's device (traced ints would
-        recompile a compiled step every step; CPU tensors would keep a CUDA step out of CUDA graphs)."""
-        device = next(self.student.parameters()).device
-        self._correct: list[Tensor] = [torch.zeros((), dtype=torch.long, device=device) for _ in self.heads]
-        self._seen = torch.zeros((), dtype=torch.long, device=device)
+        # the heads' coarse training accuracy, summed on the student's device in place inside the step
+        self.head_meters = DeviceMeters([f'tdd_head_acc_{i}' for i in range(1, len(self.heads) + 1)], device)
 
     def partitions(self) -> list[Partition]:
         """The partitions of the distilled stages (read back from the heads)."""
@@ -457,12 +452,12 @@ class TDD(Distiller):
         if not self.heads:
             raise RuntimeError('TDD: call prepare() (or set_partitions()) before training')
         total = feat_s[0].new_zeros(())
-        for i, (head, feature) in enumerate(zip(self.heads, stage_maps(feat_s))):
+        correct = []
+        for head, feature in zip(self.heads, stage_maps(feat_s)):
             logits = head(feature)
             total = total + head.loss(logits, target)
-            with torch.no_grad():
-                self._correct[i] = self._correct[i] + (logits.argmax(1) == head.class_to_group[target]).sum()
-        self._seen = self._seen + target.shape[0]
+            correct.append((logits.detach().argmax(1) == head.class_to_group[target]).float().mean() * 100.0)
+        self.head_meters.add(torch.stack(correct), target.shape[0])
         return total
 
     def method_loss(self, feat_s: list[Tensor], feat_t: list[Tensor], logit_s: Tensor, logit_t: Tensor,
@@ -471,14 +466,8 @@ class TDD(Distiller):
 
     def epoch_metrics(self) -> dict[str, float]:
         """Groups per distilled stage and the heads' coarse training accuracy (%) since the last call."""
-        metrics: dict[str, float] = {}
-        seen = int(self._seen)
-        for i, head in enumerate(self.heads, start=1):
-            metrics[f'tdd_groups_{i}'] = float(len(head.group_weight))
-            if seen:
-                metrics[f'tdd_head_acc_{i}'] = 100.0 * self._correct[i - 1].item() / seen
-        self._reset_head_counts()
-        return metrics
+        metrics = {f'tdd_groups_{i}': float(len(head.group_weight)) for i, head in enumerate(self.heads, start=1)}
+        return {**metrics, **self.head_meters.take_averages()}
 
 
 class TDDCRD(TDD):

@@ -145,9 +145,10 @@ def codebook_targets(t: Tensor, centroids: Tensor, tau: float) -> Tensor:
     return logits.softmax(dim=1)
 
 
-def lda_project(t: Tensor, xbar: Tensor, scalings: Tensor) -> Tensor:
-    """The teacher's LDA projection ``(t - xbar) @ scalings``: (N, D) -> (N, n_comp)."""
-    return (t - xbar) @ scalings
+def lda_project(t: Tensor, xbar: Tensor, scalings: Tensor, matmul: Any = torch.matmul) -> Tensor:
+    """The teacher's LDA projection ``(t - xbar) @ scalings``: (N, D) -> (N, n_comp); ``matmul`` computes the
+    product (the training step passes helper.numerics.fp32_matmul: float32-accurate under TF32)."""
+    return matmul(t - xbar, scalings)
 
 
 def nearest_subclass_of_class(z: Tensor, labels: Tensor, centroids: Tensor, k_inter: int) -> Tensor:

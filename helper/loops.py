@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from distiller_zoo.base import Distiller
 from helper import distributed
 from helper.errors import UserError
+from helper.meters import DeviceMeters, sum_dtype
+from helper.numerics import set_tf32
 from helper.util import AverageMeter, accuracy
 from helper.util import progress as progress_bar
 
@@ -52,6 +54,7 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
     are passed to ``forward_train`` as keyword arguments.
     """
     distiller.train()
+    distiller.start_epoch(epoch)
     meters: dict[str, AverageMeter] = {}
     top1, top5, total = AverageMeter(), AverageMeter(), AverageMeter()
     batch_time = AverageMeter()
@@ -62,9 +65,15 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
     for idx, batch in enumerate(bar):
         image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         extras = {name: t.to(device, non_blocking=True) for name, t in zip(EXTRA_NAMES, batch[2:])}
-        logits, losses = forward_train(image, target, epoch=epoch, **extras)
+        logits, losses = forward_train(image, target, **extras)
         loss = total_loss(losses)
-        if not torch.isfinite(loss):  # a host sync per step; a later fast path checks on the device
+        finite = bool(torch.isfinite(loss))   # a host sync per step (the fast path checks on the device)
+        # under torchrun every rank decides together: one rank raising alone would leave the others in DDP's
+        # all-reduce of this step's gradients
+        if distributed.any_rank(not finite):
+            if finite:
+                raise LossNotFinite(f"loss became non-finite on another process at epoch {epoch}, iteration "
+                                    f"{idx + 1}/{n_batches}", epoch, idx + 1)
             terms = ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())
             raise LossNotFinite(f"loss became {loss.item()} at epoch {epoch}, iteration {idx + 1}/{n_batches} "
                                 f"({terms})", epoch, idx + 1)
@@ -98,21 +107,25 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
 @torch.no_grad()
 def validate(model: nn.Module, loader: Iterable, device: torch.device, *,
              progress: bool | None = None, desc: str = 'test') -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean CE of ``model`` (plain forward, eval mode) on ``loader``."""
+    """Top-1/top-5 accuracy (percent) and mean CE of ``model`` (plain forward, eval mode) on ``loader``.
+
+    The counts are summed on the device and read once, at the end (no host sync per batch)."""
     was_training = model.training
     model.eval()
-    top1, top5, losses = AverageMeter(), AverageMeter(), AverageMeter()
+    meters = DeviceMeters(['acc', 'acc_top5', 'loss'], device)
     for batch in progress_bar(loader, desc, len(loader), progress):
         image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         logits = model(image)
-        n = image.shape[0]
-        acc1, acc5 = accuracy(logits, target, topk=(1, 5))
-        top1.update(acc1, n)
-        top5.update(acc5, n)
-        losses.update(F.cross_entropy(logits, target).item(), n)
+        k = min(5, logits.shape[1])
+        correct = logits.topk(k, dim=1).indices.eq(target.view(-1, 1))
+        meters.add(torch.stack([correct[:, :1].any(dim=1).float().mean() * 100.0,
+                                correct.any(dim=1).float().mean() * 100.0,
+                                F.cross_entropy(logits, target).float()]), image.shape[0])
     model.train(was_training)
-    distributed.all_reduce_meters(top1, top5, losses)  # each rank saw its own images of the split, none twice
-    return {'acc': top1.avg, 'acc_top5': top5.avg, 'loss': losses.avg, 'images': top1.count}
+    # each rank saw its own images of the split, none twice
+    sums, counts = meters.totals(reduce=distributed.sum_over_ranks)
+    n = counts[0]
+    return {**{name: (total / n if n else 0.0) for name, total in zip(meters.names, sums)}, 'images': int(round(n))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,6 +144,7 @@ class FastOptions:
     channels_last: bool = False
     compile: str = 'none'
     tf32: bool = False
+    compile_backend: str = 'inductor'   # torch.compile's backend; tests count graph breaks with 'aot_eager'
 
     @classmethod
     def from_opt(cls, opt: Any) -> 'FastOptions':
@@ -140,15 +154,12 @@ class FastOptions:
 
 
 def configure_fast_path(distiller: nn.Module, device: torch.device, options: FastOptions) -> None:
-    """Process-wide and model settings of the fast path: TF32 on CUDA, channels_last weights.
-
-    UserError for reduce-overhead (CUDA graphs) off CUDA. Call before building the optimizer.
-    """
+    """Process-wide and model settings of the fast path: TF32 on CUDA (on or off: ``options.tf32``),
+    channels_last weights. UserError for reduce-overhead (CUDA graphs) off CUDA. Call before building the
+    optimizer."""
     if options.compile == 'reduce-overhead' and device.type != 'cuda':
         raise UserError("--compile reduce-overhead (CUDA graphs) needs --device cuda; use --compile default")
-    if options.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_tf32(options.tf32)
     if options.channels_last:
         distiller.to(memory_format=torch.channels_last)
 
@@ -158,47 +169,82 @@ class FastTrainer:
 
     ``step(batch)`` queues the step's work; ``read()`` (a sync) returns the running sums and raises
     LossNotFinite when some step's loss was not finite, naming that step (the first bad one).
-    What is compiled (``compile != 'none'``): forward_train, the loss sum and the meters' statistics as one
-    function, and with it (AOTAutograd) their backward; optimizer.step() stays eager (SGD's multi-tensor
-    kernels). A batch of another size than the first (the last partial batch) runs the same code eagerly.
-    Unlike the reference loop, the steps after a non-finite loss are still applied until the next check, so the
-    weights in memory may be NaN when LossNotFinite is raised; last.pth (written at epoch ends) is not.
+
+    One graph per step (``compile != 'none'``): forward_train, the loss sum and the bookkeeping (the meters, the
+    iteration counter and the first-bad-step record, buffers changed in place) are one compiled function, and
+    with it (AOTAutograd) their backward; CUDA graphs replay it with ``reduce-overhead``. optimizer.step()
+    stays outside (SGD's fused kernel on CUDA). The first step of a trainer runs eagerly: one-time set-up that
+    methods do lazily (CRD's normalisers, read on the host) happens there, never inside the graph; from the
+    second step on the function is compiled, once. A batch of another size than the first (the last partial
+    batch) runs the same function eagerly. Unlike the reference loop, the steps after a non-finite loss are
+    still applied until the next check, so the weights in memory may be NaN when LossNotFinite is raised;
+    last.pth (written at epoch ends) is not.
     """
 
     def __init__(self, distiller: Distiller, optimizer: torch.optim.Optimizer, device: torch.device,
                  options: FastOptions = FastOptions()) -> None:
         self.distiller, self.optimizer, self.device, self.options = distiller, optimizer, device, options
         self.forward_train = distributed.forward_train_of(distiller)  # inside DistributedDataParallel under torchrun
-        self.names: list[str] | None = None
+        self.names: list[str] = []
         self.full_batch: int | None = None
-        self.compiled = None
-        if options.compile != 'none':
-            self.compiled = torch.compile(self._forward, mode=options.compile)
-        self.sum_dtype = torch.float64 if device.type in ('cpu', 'cuda') else torch.float32
-        self.reset(epoch=0, n_batches=0)
+        self.compiled: Any = None
+        self.meters: DeviceMeters | None = None    # loss, top1, top5 and each term, weighted by batch size
+        self.bad: torch.Tensor | None = None       # [iteration, loss, terms...] of the first non-finite step, or -1s
+        self.iteration_t = torch.zeros((), device=device, dtype=sum_dtype(device))
+        self.epoch, self.n_batches, self.iteration = 0, 0, 0
 
     def reset(self, epoch: int, n_batches: int) -> None:
-        """Start an epoch: zero the meters and the NaN record."""
+        """Start an epoch: zero the meters and the NaN record (in place: a compiled step keeps their addresses)."""
         self.epoch, self.n_batches, self.iteration = epoch, n_batches, 0
-        self.sums: torch.Tensor | None = None
-        self.bad: torch.Tensor | None = None      # [iteration or -1, loss, terms...] of the first non-finite step
-        self.iteration_t = torch.zeros((), device=self.device, dtype=torch.float32)
+        self.iteration_t.zero_()
+        if self.meters is not None:
+            self.meters.reset()
+            self.bad.fill_(-1.0)
 
-    def _forward(self, image: torch.Tensor, target: torch.Tensor, epoch: int, extras: dict[str, torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, [loss * n, correct@1, correct@5], {name: term}); the last two without grad."""
+    def _step_function(self, image: torch.Tensor, target: torch.Tensor, extras: dict[str, torch.Tensor]
+                       ) -> torch.Tensor:
+        """What is compiled: forward (under autocast with --amp bf16), the loss, and the bookkeeping."""
         if self.options.amp == 'bf16':
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                logits, losses = self.forward_train(image, target, epoch=epoch, **extras)
+                logits, losses = self.forward_train(image, target, **extras)
         else:
-            logits, losses = self.forward_train(image, target, epoch=epoch, **extras)
+            logits, losses = self.forward_train(image, target, **extras)
         loss = total_loss(losses)
-        with torch.no_grad():
-            k = min(5, logits.shape[1])
-            correct = logits.detach().topk(k, dim=1).indices.eq(target.view(-1, 1))
-            stats = torch.stack([loss.detach().float() * image.shape[0], correct[:, :1].any(dim=1).sum().float(),
-                                 correct.any(dim=1).sum().float()])
-        return loss, stats, {name: value.detach() for name, value in losses.items()}
+        if self.meters is None:                   # the first (eager) step: the terms' names size the buffers
+            self._create_meters(list(losses))
+        self._account(loss, logits, losses, target)
+        return loss
+
+    def _create_meters(self, names: list[str]) -> None:
+        self.names = names
+        self.meters = DeviceMeters(['loss', 'top1', 'top5', *names], self.device)
+        self.bad = torch.full((2 + len(names),), -1.0, device=self.device, dtype=self.iteration_t.dtype)
+
+    @torch.no_grad()
+    def _account(self, loss: torch.Tensor, logits: torch.Tensor, losses: dict[str, torch.Tensor],
+                 target: torch.Tensor) -> None:
+        """Add the step to the device meters and remember the first non-finite step (in place, on the device)."""
+        assert self.meters is not None and self.bad is not None
+        n = target.shape[0]
+        k = min(5, logits.shape[1])
+        correct = logits.detach().topk(k, dim=1).indices.eq(target.view(-1, 1))
+        terms = torch.stack([v.detach().float() for v in losses.values()])
+        loss = loss.detach().float()
+        self.meters.add(torch.cat([loss.view(1), correct[:, :1].any(dim=1).float().mean().view(1),
+                                   correct.any(dim=1).float().mean().view(1), terms]), n)
+        self.iteration_t.add_(1)
+        record = torch.cat([self.iteration_t.view(1), loss.view(1).to(self.bad.dtype), terms.to(self.bad.dtype)])
+        newly_bad = ~torch.isfinite(loss) & (self.bad[0] < 0)
+        self.bad.copy_(torch.where(newly_bad, record, self.bad))
+
+    def _compile(self) -> None:
+        """Compile the step function (after the first, eager step). Every buffer it reads or changes keeps its
+        address from now on: marked static, so CUDA graphs use them in place instead of copying them."""
+        assert self.meters is not None and self.bad is not None
+        for tensor in (*self.distiller.buffers(), *self.meters.buffers(), self.bad, self.iteration_t):
+            torch._dynamo.mark_static_address(tensor)
+        self.compiled = torch.compile(self._step_function, mode=self.options.compile,
+                                      backend=self.options.compile_backend)
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> None:
         """One optimisation step on ``batch`` = (image, target[, index[, contrast_idx]]); no host sync."""
@@ -209,52 +255,40 @@ class FastTrainer:
         extras = {name: t.to(self.device, non_blocking=True) for name, t in zip(EXTRA_NAMES, batch[2:])}
         if self.full_batch is None:
             self.full_batch = image.shape[0]
-        use_compiled = self.compiled is not None and image.shape[0] == self.full_batch
-        if use_compiled and self.options.compile == 'reduce-overhead':
-            torch.compiler.cudagraph_mark_step_begin()
-        loss, stats, terms = (self.compiled if use_compiled else self._forward)(image, target, self.epoch, extras)
+        function = self._step_function
+        if self.options.compile != 'none' and self.meters is not None and image.shape[0] == self.full_batch:
+            if self.compiled is None:
+                self._compile()
+            if self.options.compile == 'reduce-overhead':
+                torch.compiler.cudagraph_mark_step_begin()
+            function = self.compiled
+        loss = function(image, target, extras)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self._account(loss.detach(), stats, terms, image.shape[0])
-
-    def _account(self, loss: torch.Tensor, stats: torch.Tensor, terms: dict[str, torch.Tensor], n: int) -> None:
-        """Add the step to the device meters and remember the first non-finite step (all on the device)."""
-        self.names = list(terms)
         self.iteration += 1
-        self.iteration_t += 1
-        dtype = self.sum_dtype
-        term_values = torch.stack([v.float() for v in terms.values()]).to(dtype)
-        count = torch.full((1,), n, dtype=dtype, device=stats.device)
-        row = torch.cat([stats.to(dtype), term_values * n, count])        # [loss*n, c1, c5, terms*n..., n]
-        self.sums = row if self.sums is None else self.sums + row
-        record = torch.cat([self.iteration_t.view(1).to(dtype), loss.view(1).to(dtype), term_values])
-        if self.bad is None:
-            self.bad = torch.full_like(record, -1.0)
-        newly_bad = ~torch.isfinite(loss) & (self.bad[0] < 0)
-        self.bad = torch.where(newly_bad, record, self.bad)
 
     def read(self) -> dict[str, float]:
         """Sync: the epoch's running averages (train_loss, train_acc, train_acc_top5, loss_<name>);
         LossNotFinite if a step so far had a non-finite loss."""
-        if self.sums is None:
+        if self.meters is None or self.bad is None:
             return {'train_loss': 0.0, 'train_acc': 0.0, 'train_acc_top5': 0.0}
         # under torchrun: sums over every rank's images; a bad step on any rank stops every rank (all read here
         # at the same iterations, as their loaders have equal lengths)
-        sums = distributed.sum_over_ranks(self.sums).tolist()
-        bad = self.bad.tolist() if self.bad is not None else [-1.0]
+        averages = self.meters.averages(reduce=distributed.sum_over_ranks)
+        bad = self.bad.tolist()
         if distributed.any_rank(bad[0] >= 0) and bad[0] < 0:
             raise LossNotFinite(f"loss became non-finite on another process at epoch {self.epoch} (found at the "
                                 f"check after iteration {self.iteration})", self.epoch, self.iteration)
         if bad[0] >= 0:
-            terms = ', '.join(f'{k}={v:.4g}' for k, v in zip(self.names or [], bad[2:]))
+            terms = ', '.join(f'{k}={v:.4g}' for k, v in zip(self.names, bad[2:]))
             iteration = int(bad[0])
             raise LossNotFinite(f"loss became {bad[1]} at epoch {self.epoch}, iteration {iteration}/{self.n_batches} "
                                 f"({terms}; found at the check after iteration {self.iteration})",
                                 self.epoch, iteration)
-        n = max(sums[-1], 1.0)
-        stats = {'train_loss': sums[0] / n, 'train_acc': 100.0 * sums[1] / n, 'train_acc_top5': 100.0 * sums[2] / n}
-        stats.update({f'loss_{name}': value / n for name, value in zip(self.names or [], sums[3:-1])})
+        stats = {'train_loss': averages['loss'], 'train_acc': 100.0 * averages['top1'],
+                 'train_acc_top5': 100.0 * averages['top5']}
+        stats.update({f'loss_{name}': averages[name] for name in self.names})
         return stats
 
 
@@ -266,6 +300,7 @@ def train_one_epoch_fast(trainer: FastTrainer, loader: Iterable, *, epoch: int, 
     A non-finite loss raises LossNotFinite at the first check after it, naming the first bad iteration.
     """
     trainer.distiller.train()
+    trainer.distiller.start_epoch(epoch)
     n_batches = len(loader)  # type: ignore[arg-type]
     trainer.reset(epoch, n_batches)
     bar = progress_bar(loader, f'epoch {epoch}', n_batches, progress)

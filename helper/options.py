@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from dataset import DATASETS
 from helper import distributed
 from helper.distributed import launched_by_torchrun
@@ -70,18 +72,22 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group('fast path (changes speed, not the method; README "Speed")')
     g.add_argument('--fast', action='store_true',
-                   help='the sync-free training loop with --device_data --tf32 --channels_last --compile default '
-                        '(bf16 only with --amp bf16); each part can be switched off, e.g. --compile none')
+                   help='the sync-free training loop with --device_data --tf32 --channels_last and a compiled step '
+                        '(--compile reduce-overhead on one GPU, default elsewhere; bf16 only with --amp bf16); each '
+                        'part can be switched off, e.g. --compile none')
     g.add_argument('--device_data', action=argparse.BooleanOptionalAction, default=None,
                    help='training and test data resident on the device, augmented there (cifar100, '
                         'tinyimagenet, digits)')
     g.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=None,
-                   help='TF32 for CUDA matmuls and convolutions (no effect on CPU)')
+                   help='TF32 for CUDA matmuls and cuDNN convolutions, both on (default with --fast) or both off '
+                        "(default otherwise: true float32, although torch's own default convolves in TF32); no "
+                        'effect on CPU')
     g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
                    help='channels_last memory format for models and images')
     g.add_argument('--compile', type=str, default=None, choices=COMPILE_MODES,
-                   help='torch.compile the training step (forward, losses and their backward); reduce-overhead '
-                        '= CUDA graphs, CUDA only; default: default with --fast, else none')
+                   help='torch.compile the training step (forward, losses, bookkeeping and their backward as one '
+                        'graph); reduce-overhead = CUDA graphs, CUDA only; default with --fast: reduce-overhead on '
+                        'one GPU, default on the CPU and under torchrun; else none')
     g.add_argument('--amp', type=str, default='none', choices=AMP_MODES,
                    help='bf16: torch.autocast(bfloat16) around the training forward (CPU and CUDA)')
 
@@ -104,7 +110,12 @@ def resolve_fast(opt: argparse.Namespace) -> dict[str, Any]:
     if getattr(opt, 'device_data', None) is None and (opt.dataset == 'imagenet' or launched_by_torchrun()):
         values['device_data'] = False    # --fast on ImageNet or under torchrun: everything but device data
     compile_mode = getattr(opt, 'compile', None)
-    values['compile'] = ('default' if fast else 'none') if compile_mode is None else compile_mode
+    if compile_mode is None:
+        # --fast: CUDA graphs (reduce-overhead) where they are safe, one process on a GPU; under torchrun DDP
+        # splits the graph at its gradient buckets, so there the default mode
+        cuda = opt.device == 'cuda' or (opt.device == 'auto' and torch.cuda.is_available())
+        compile_mode = ('reduce-overhead' if cuda and not launched_by_torchrun() else 'default') if fast else 'none'
+    values['compile'] = compile_mode
     values['amp'] = getattr(opt, 'amp', None) or 'none'
     values['fast_loop'] = fast or values['device_data'] or values['tf32'] or values['channels_last'] \
         or values['compile'] != 'none' or values['amp'] != 'none'

@@ -6,6 +6,9 @@ state_dict untouched, so checkpoints keep RepDistiller's keys.
     with tap(model, {'penult': Site('layer3')}) as maps:
         model(x)
     maps['penult']            # (B, C, H, W)
+
+Inside a compiled training step, hooks must not be registered or removed (torch.compile breaks its graph
+there): a ``SiteRecorder`` attaches its hooks once and hands over the tensors of each forward with ``take()``.
 """
 from __future__ import annotations
 
@@ -72,6 +75,31 @@ def tap(model: nn.Module, sites: dict[str, Site]) -> Iterator[dict[str, Tensor]]
     finally:
         for handle in handles:
             handle.remove()
+
+
+class SiteRecorder:
+    """Read-only hooks attached once: every forward of ``model`` stores the tensor at each site, ``take()``
+    returns them (role -> tensor) and forgets them, so the recorder keeps nothing alive between steps.
+
+    For a training step (compiled or not) that reads a model's inner maps each step; ``remove()`` detaches it.
+    """
+
+    def __init__(self, model: nn.Module, sites: dict[str, Site]) -> None:
+        self.sites = dict(sites)
+        self.maps: dict[str, Tensor] = {}
+        self.handles = [attach(model, site, partial(_store, self.maps, role)) for role, site in self.sites.items()]
+
+    def take(self) -> dict[str, Tensor]:
+        """The maps of the last forward (every site), emptying the store."""
+        maps = {role: self.maps[role] for role in self.sites}
+        self.maps.clear()
+        return maps
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.maps.clear()
 
 
 class _AllSitesSeen(Exception):

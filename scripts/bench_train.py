@@ -164,6 +164,7 @@ def run_one(args: argparse.Namespace, method: str, config_name: str) -> dict[str
 
     from distiller_zoo.registry import DISTILLERS, canonical_name
     from helper.loops import FastOptions, FastTrainer, configure_fast_path, train_one_epoch
+    from helper.numerics import set_tf32
     from models import create_model
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,9 +187,11 @@ def run_one(args: argparse.Namespace, method: str, config_name: str) -> dict[str
         distiller = distiller_cls(student, teacher if distiller_cls.needs_teacher else None, opt, data.info).to(device)
         distiller.prepare(data, device=device, cache_dir=str(Path(tmp) / 'cache'), resumed=False)
     options = FastOptions.from_opt(opt)
+    set_tf32(options.tf32)           # both directions, as the CLIs do: the reference rows run in true float32
     if config.get('fast_loop'):
         configure_fast_path(distiller, device, options)
-    optimizer = torch.optim.SGD(list(distiller.trainable_parameters()), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(list(distiller.trainable_parameters()), lr=0.01, momentum=0.9, weight_decay=5e-4,
+                                fused=True if config.get('fast_loop') and device.type == 'cuda' else None)
     batches = _batches(data, opt.seed)
     distiller.train()
     if config.get('fast_loop'):

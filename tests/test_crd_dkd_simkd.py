@@ -166,7 +166,7 @@ def test_crd_distiller_gradients_reach_student_and_both_embeds_not_teacher():
     x, y = batch()
     index = torch.tensor([0, 5, 9, 30])
     contrast_idx = torch.cat([index[:, None], torch.randint(0, 32, (4, 8))], dim=1)
-    logits, losses = distiller.forward_train(x, y, index=index, contrast_idx=contrast_idx, epoch=1)
+    logits, losses = distiller.forward_train(x, y, index=index, contrast_idx=contrast_idx)
     assert logits.shape == (4, 100) and set(losses) == {'ce', 'crd'}
     sum(losses.values()).backward()
     assert_grads_reach_student_not_teacher(distiller)
@@ -190,7 +190,7 @@ def test_crd_loss_decreases_on_a_fixed_batch():
     distiller.train()
     history = []
     for _ in range(12):
-        _, losses = distiller.forward_train(x, y, index=index, contrast_idx=contrast_idx, epoch=1)
+        _, losses = distiller.forward_train(x, y, index=index, contrast_idx=contrast_idx)
         optimizer.zero_grad()
         losses['crd'].backward()
         optimizer.step()
@@ -243,7 +243,8 @@ def test_dkd_distiller_warmup_and_ce_weight(epoch, factor):
                                 make_info())
     distiller.eval()                       # fixed BN statistics, so the logits can be recomputed below
     x, y = batch()
-    logits, losses = distiller.forward_train(x, y, epoch=epoch)
+    distiller.start_epoch(epoch)            # the factor is a buffer set per epoch, not an argument of the step
+    logits, losses = distiller.forward_train(x, y)
     assert set(losses) == {'ce', 'dkd'}
     with torch.no_grad():
         logit_t = teacher(x)
@@ -291,9 +292,9 @@ def test_simkd_deployable_matches_training_prediction_and_reloads(tmp_path, teac
     distiller.train()
     x, y = batch(4)
     for _ in range(2):     # move BN statistics away from their initial values
-        distiller.forward_train(x, y, epoch=1)
+        distiller.forward_train(x, y)
     distiller.eval()
-    pred, _ = distiller.forward_train(x, y, epoch=1)
+    pred, _ = distiller.forward_train(x, y)
     deployed = distiller.deployable().eval()
     assert torch.allclose(deployed(x), pred, atol=1e-5)
 
@@ -318,7 +319,7 @@ def test_simkd_teacher_classifier_is_frozen_but_passes_gradients_to_the_projecto
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.1)
     distiller.train()
     x, y = batch(4)
-    pred, losses = distiller.forward_train(x, y, epoch=1)
+    pred, losses = distiller.forward_train(x, y)
     assert set(losses) == {'ce', 'simkd'} and losses['ce'].item() == 0.0
     F.cross_entropy(pred, y).backward()          # only through the teacher classifier
     assert distiller.projector.transfer[6].weight.grad.abs().sum() > 0
@@ -360,7 +361,7 @@ def test_method_builds_and_trains_on_pair(method, teacher_name, student_name):
     x, y = batch(2)
     index = torch.tensor([3, 7])
     contrast_idx = torch.cat([index[:, None], torch.randint(0, 32, (2, 8))], dim=1)
-    logits, losses = distiller.forward_train(x, y, index=index, contrast_idx=contrast_idx, epoch=5)
+    logits, losses = distiller.forward_train(x, y, index=index, contrast_idx=contrast_idx)
     assert logits.shape == (2, 100)
     assert method in losses and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()

@@ -9,7 +9,8 @@ from torch.utils._pytree import tree_flatten
 
 from distiller_zoo import build_distiller, load_deployed
 from distiller_zoo.letkd import (CodebookQuantizer, FusedKDLayer, KDLayer, LetKDStudent, SubclassQuantizer,
-                                 _fp32_logits_dtype, position_kl, position_kl_lse)
+                                 position_kl, position_kl_lse)
+from helper import numerics
 from helper.letkd_offline import codebook_targets, flatten_positions
 from helper.util import save_checkpoint
 from models import create_model
@@ -129,18 +130,25 @@ def test_distiller_losses_are_fp32_and_match_under_autocast():
         assert torch.allclose(fp32_losses[f'kl_{role}'], expected, rtol=1e-5)
 
 
-def test_the_distance_gemm_runs_in_fp64_on_cuda_when_tf32_may_round(monkeypatch):
-    cuda, cpu = torch.device('cuda'), torch.device('cpu')
-    # an earlier fast-path test may have switched TF32 on for the process: this test decides with it off
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        monkeypatch.setattr(torch, 'get_float32_matmul_precision', lambda: 'highest')
-        assert _fp32_logits_dtype(cuda) == torch.float32
-        monkeypatch.setattr(torch, 'get_float32_matmul_precision', lambda: 'high')     # the fast path's TF32
-        assert _fp32_logits_dtype(cuda) == torch.float64 and _fp32_logits_dtype(cpu) == torch.float32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+def test_the_targets_gemms_are_split_where_tf32_may_round(monkeypatch):
+    """Where a float32 matmul may run in TF32 (CUDA with TF32 on) the codebook distances and the LDA projection
+    go through the split product (float32 accuracy; tests/test_numerics.py); the targets are the same."""
+    q = codebook(tau=5.0)
+    g = torch.Generator().manual_seed(5)
+    sub = SubclassQuantizer(3, 2, 16)
+    sub.load({'scalings': torch.randn(16, 4, generator=g), 'xbar': torch.rand(16, generator=g),
+              'centroids': torch.randn(6, 4, generator=g), 'scores': torch.rand(6, 6, generator=g).softmax(1)})
+    t, labels = torch.rand(200, 16, generator=g), torch.randint(0, 3, (200,), generator=g)
+    plain, plain_sub = q.targets(t, None), sub.targets(t, labels)
+    calls = []
+    real = numerics.split_product
+    monkeypatch.setattr(numerics, 'matmul_may_round', lambda device: True)
+    monkeypatch.setattr(numerics, 'split_product', lambda a, b: calls.append(tuple(b.shape)) or real(a, b))
+    split, split_sub = q.targets(t, None), sub.targets(t, labels)
+    assert calls == [(16, 96), (16, 4)]                     # the distance GEMM, then the LDA projection
+    # logits up to ~tau * 2 * 16: float32 rounding of the sums moves the probabilities by ~1e-5 relative
+    torch.testing.assert_close(split.probs, plain.probs, rtol=5e-5, atol=1e-5)
+    assert torch.equal(split.hard, plain.hard) and torch.equal(split_sub.hard, plain_sub.hard)
 
 
 # ---------------------------------------------------------------------------------------------- folded BN

@@ -49,7 +49,7 @@ def training_step(distiller: Any, seed: int) -> None:
     index = torch.randint(0, N_DATA, (BATCH,), generator=g)
     contrast_idx = torch.randint(0, N_DATA, (BATCH, 9), generator=g)
     contrast_idx[:, 0] = index
-    _, losses = distiller.forward_train(image, target, index=index, contrast_idx=contrast_idx, epoch=3)
+    _, losses = distiller.forward_train(image, target, index=index, contrast_idx=contrast_idx)
     loss = sum(losses.values())
     loss.backward()
 

@@ -217,17 +217,21 @@ def test_bad_optimisation_flags_are_one_line_errors(tmp_path, cifar100_dir, caps
 def nan_at(monkeypatch):
     """nan_at(epoch, iteration): KD's loss becomes NaN there (1-based iteration), once."""
     real = KD.forward_train
-    where = {'calls': {}}
+    where = {'calls': {}, 'epoch': 0}
+
+    def start_epoch(self, epoch):          # the loops announce each epoch; the step itself gets no epoch
+        where['epoch'] = epoch
 
     def forward_train(self, image, target, **extras):
         logits, losses = real(self, image, target, **extras)
-        epoch = extras['epoch']
+        epoch = where['epoch']
         where['calls'][epoch] = where['calls'].get(epoch, 0) + 1
         if (epoch, where['calls'][epoch]) == where.get('at'):
             losses['kd'] = losses['kd'] * float('nan')
         return logits, losses
 
     monkeypatch.setattr(KD, 'forward_train', forward_train)
+    monkeypatch.setattr(KD, 'start_epoch', start_epoch)
     def arm(epoch, iteration):
         where.update(at=(epoch, iteration), calls={})
     return arm

@@ -219,13 +219,23 @@ def test_reference_teacher_feature_needs_a_cifar_resnet_with_three_blocks(teache
         train_student.get_args_parser().parse_args(['--tdd_prototype', 'median'])
 
 
-def test_head_counters_live_on_the_students_device_and_stay_tensors():
-    """On CUDA, CPU counters would keep a compiled step out of CUDA graphs; ints would recompile it every step.
-    The meta device stands in for a GPU."""
+def test_head_counters_live_on_the_students_device_as_buffers_changed_in_place():
+    """On CUDA, CPU counters would keep a compiled step out of CUDA graphs; ints would recompile it every step;
+    new tensors each step would change the graph's inputs. The meta device stands in for a GPU."""
     distiller = build().to('meta')
     distiller.set_partitions([modulo_partition(10, m) for m in (2, 5, 10)])
-    counters = [distiller._seen, *distiller._correct]
-    assert len(counters) == 4 and all(isinstance(c, torch.Tensor) and c.device.type == 'meta' for c in counters)
+    meters = distiller.head_meters
+    assert meters.names == ['tdd_head_acc_1', 'tdd_head_acc_2', 'tdd_head_acc_3']
+    assert {b.device.type for b in meters.buffers()} == {'meta'}
+    distiller = build()
+    distiller.set_partitions([modulo_partition(10, m) for m in (2, 5, 10)])
+    addresses = [b.data_ptr() for b in distiller.head_meters.buffers()]
+    feat_s, _ = distiller.student(torch.randn(4, 3, 32, 32), is_feat=True)
+    distiller.method_loss(feat_s, [], None, None, torch.tensor([0, 3, 9, 4]))
+    assert [b.data_ptr() for b in distiller.head_meters.buffers()] == addresses
+    assert distiller.head_meters.counts.tolist() == [4.0, 4.0, 4.0]
+    assert set(distiller.epoch_metrics()) == {f'tdd_{k}_{i}' for k in ('groups', 'head_acc') for i in (1, 2, 3)}
+    assert distiller.head_meters.counts.tolist() == [0.0, 0.0, 0.0]     # read and reset
 
 
 # ------------------------------------------------------------------------- the decision loss
