@@ -1,14 +1,16 @@
-"""letKD/QUEST offline quantizers (helper/letkd_offline.py): the sub-class score matrix by its counting
-definition, reproducible files, the cache and its refusals, and letkd1 / letkd2 / quest end to end
-through train_student.cli on generated CIFAR-format data."""
+"""letKD/QUEST offline quantizers (helper/letkd_offline.py): the LDA against sklearn's, the sub-class score
+matrix by its counting definition, reproducible files built one layer at a time, the cache and its refusals,
+and letkd1 / letkd2 / quest end to end through train_student.cli on generated CIFAR-format data."""
 import hashlib
 import json
 import shutil
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import sklearn
 import torch
 import torch.nn as nn
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
@@ -18,7 +20,8 @@ import distiller_zoo.letkd as letkd_module
 from distiller_zoo import build_distiller, load_deployed
 from distiller_zoo.letkd import LetKDStudent
 from helper import letkd_offline
-from helper.letkd_offline import build_subclasses, subclass_prototypes, subclass_score_matrix
+from helper.errors import UserError
+from helper.letkd_offline import build_subclasses, fit_lda, subclass_prototypes, subclass_score_matrix
 from helper.util import count_params, load_checkpoint
 from models import create_model
 from tests.fixtures_data import read_cifar100_split
@@ -58,9 +61,18 @@ def test_prototypes_are_sub_class_means_and_an_empty_one_keeps_its_centroid():
     assert counts.tolist() == [2, 0, 1]
 
 
+def sklearn_scale(n, num_classes):
+    """sklearn's svd solver whitens the within-class covariance S_w / N since 1.9 (ours too), S_w / (N - C)
+    before: its projection is ours times sqrt((N - C) / N) there."""
+    version = tuple(int(part) for part in sklearn.__version__.split('.')[:2])
+    return 1.0 if version >= (1, 9) else np.sqrt((n - num_classes) / n)
+
+
 def lda_transform(features, labels):
-    """sklearn's own LDA projection (solver 'svd', all components), independent of build_subclasses' tensors."""
-    return LinearDiscriminantAnalysis(solver='svd').fit(features, labels).transform(features).astype(np.float64)
+    """sklearn's own LDA projection (solver 'svd', all components), in our scale convention, independent of
+    build_subclasses' tensors."""
+    z = LinearDiscriminantAnalysis(solver='svd').fit(features, labels).transform(features).astype(np.float64)
+    return z / sklearn_scale(len(labels), len(np.unique(labels)))
 
 
 def module_projection(features, tensors):
@@ -74,6 +86,47 @@ def assert_same_up_to_column_signs(got, expected):
     assert np.all(signs != 0)
     np.testing.assert_allclose(got, expected * signs, rtol=1e-4, atol=1e-4)
     return signs
+
+
+def lda_problem(singular):
+    """5 classes of unequal sizes in 12-d with correlated noise; ``singular`` adds a constant feature and one
+    that copies another (S_w singular: both directions must be dropped, as sklearn does)."""
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(5), [300, 120, 200, 80, 200])
+    x = rng.normal(size=(5, 12))[labels] * 2 + rng.normal(size=(900, 12)) @ rng.normal(size=(12, 12))
+    if singular:
+        x = np.column_stack([x, np.full(900, 3.0), x[:, 2]])
+    return x.astype(np.float32), labels
+
+
+@pytest.mark.parametrize('singular', [False, True])
+def test_fit_lda_reproduces_sklearns_svd_solver(singular):
+    features, labels = lda_problem(singular)
+    lda = LinearDiscriminantAnalysis(solver='svd').fit(features, labels)
+    xbar, scalings = fit_lda(features, labels, 5)
+    # xbar_: the class means weighted by the empirical priors (= the mean of all rows)
+    np.testing.assert_allclose(xbar, lda.xbar_, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(xbar, features.astype(np.float64).mean(0), rtol=1e-9, atol=1e-9)
+    assert scalings.shape == lda.scalings_.shape == (features.shape[1], 4)
+    # the same projection up to one sign per component
+    z = (features - xbar) @ scalings
+    assert_same_up_to_column_signs(z, lda_transform(features, labels))
+    # our convention: identity within-class covariance (S_w / N), between-class variance decreasing
+    means = np.stack([z[labels == c].mean(0) for c in range(5)])
+    within = (z - means[labels]).T @ (z - means[labels]) / len(z)
+    np.testing.assert_allclose(within, np.eye(4), atol=1e-6)
+    between = np.bincount(labels) @ (means - z.mean(0)) ** 2
+    assert np.all(np.diff(between) < 0)
+    # chunking the two passes does not change the result
+    xbar_chunked, scalings_chunked = fit_lda(features, labels, 5, chunk_bytes=1000)
+    np.testing.assert_allclose(xbar_chunked, xbar, rtol=1e-12)
+    np.testing.assert_allclose(scalings_chunked, scalings, rtol=1e-9, atol=1e-12)
+
+
+def test_fit_lda_refuses_features_without_within_class_variation():
+    features = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)
+    with pytest.raises(UserError, match='do not vary within the classes'):
+        fit_lda(features, np.repeat(np.arange(3), 4), 3)
 
 
 def test_build_subclasses_matches_an_independent_recomputation():
@@ -166,6 +219,24 @@ def test_offline_cli_is_reproducible_and_samples_positions(tmp_path, data_dir, t
     assert inter['meta']['teacher_sha256'] == penult['meta']['teacher_sha256']
     assert inter['tensors']['scores'].shape == (200, 200) and inter['meta']['n_comp'] == 60
     torch.testing.assert_close(inter['tensors']['scores'].sum(1), torch.ones(200))
+
+
+def test_layers_are_gathered_and_built_one_at_a_time(tmp_path, data_dir, teacher_ckpt, monkeypatch):
+    """Both layers missing: one teacher pass per layer, inter first, and the inter features (rows and labels) are
+    freed before the penultimate pass starts."""
+    calls, kept = [], []
+    original = letkd_offline.collect_features
+
+    def spy(teacher, arch, roles, *args, **kwargs):
+        calls.append((roles, [ref() is None for ref in kept]))
+        out = original(teacher, arch, roles, *args, **kwargs)
+        kept.extend(weakref.ref(array) for pair in out.values() for array in pair)
+        return out
+
+    monkeypatch.setattr(letkd_offline, 'collect_features', spy)
+    assert letkd_offline.cli(offline_args(data_dir, teacher_ckpt, tmp_path, '--max_positions', '3000')) == 0
+    assert calls == [(('inter',), []), (('penult',), [True, True])]
+    assert all(ref() is None for ref in kept)
 
 
 def test_mismatching_or_foreign_cache_files_are_refused(tmp_path, data_dir, teacher_ckpt, capsys):
