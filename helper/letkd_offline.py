@@ -65,6 +65,7 @@ from torch import Tensor
 
 from dataset import DATASETS, get_dataloaders
 from helper.errors import UserError
+from helper.numerics import float32_matmuls
 from helper.options import run_cli, teacher_name_from_path
 from helper.teachers import teacher_exists, teacher_identity
 from helper.util import load_checkpoint, load_teacher, progress, resolve_device, save_checkpoint
@@ -294,34 +295,6 @@ def offline_threads(limit: int = 0) -> Iterator[int]:
                 faiss.omp_set_num_threads(faiss_before)
 
 
-@contextlib.contextmanager
-def true_fp32_matmul() -> Iterator[None]:
-    """float32 matrix products in full fp32 (no TF32 on CUDA) for the duration; the caller's setting is
-    restored afterwards. torch has two switches that must not be mixed (torch >= 2.9 raises): the legacy one
-    (``allow_tf32`` / ``set_float32_matmul_precision``) and ``fp32_precision``; whichever the caller used is
-    the one changed, and nothing is touched when TF32 is already off."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        precision = torch.get_float32_matmul_precision()       # raises once the new switch was used
-    except RuntimeError:
-        precision = None
-    if precision is None:
-        before = matmul.fp32_precision
-        matmul.fp32_precision = 'ieee'
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = before
-    elif precision != 'highest':
-        torch.set_float32_matmul_precision('highest')
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(precision)
-    else:
-        yield
-
-
 # ---------------------------------------------------------------------------------------------- clustering
 
 @dataclass(frozen=True)
@@ -446,7 +419,7 @@ def kmeans_torch(x: np.ndarray | Tensor, k: int, seed: int, *, device: torch.dev
       faiss's random sample. ``init`` (k, D) replaces the sample (tests).
     - ``iters`` Lloyd iterations (assign every row to its nearest centroid, move each centroid to the mean of
       its rows), then a final assignment to the final centroids. Squared L2 distances are
-      ``||x||^2 - 2 x.c + ||c||^2`` in fp32 (TF32 off, ``true_fp32_matmul``), ties to the lower index;
+      ``||x||^2 - 2 x.c + ||c||^2`` in fp32 (TF32 off, ``float32_matmuls``), ties to the lower index;
       centroid sums accumulate in float64.
     - Empty clusters (no row assigned after an iteration): each, in index order, is re-seeded at the row of
       the currently largest cluster that lies farthest from the centroid it was assigned to, and the two share
@@ -477,7 +450,7 @@ def kmeans_torch(x: np.ndarray | Tensor, k: int, seed: int, *, device: torch.dev
         assign = torch.empty(n, dtype=torch.int64, device=device)
         dist = torch.empty(n, dtype=torch.float32, device=device)
     rows = _chunk_rows(4 * k + 16 * dim, chunk_bytes)
-    with true_fp32_matmul():
+    with float32_matmuls():
         for _ in range(iters):
             sums = torch.zeros(k, dim, dtype=torch.float64, device=device)
             counts = torch.zeros(k, dtype=torch.int64, device=device)
@@ -647,7 +620,7 @@ def subclass_score_matrix(subclass: np.ndarray | Tensor, nearest: np.ndarray | T
     return torch.from_numpy(scores)
 
 
-@true_fp32_matmul()      # the projection and the nearest-centroid distances in fp32 on CUDA too
+@float32_matmuls()      # the projection and the nearest-centroid distances in fp32 on CUDA too
 def build_subclasses(features: np.ndarray, labels: np.ndarray, num_classes: int, k_inter: int, lda_dim: int,
                      seed: int, device: torch.device, *, backend: str = 'auto'
                      ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -852,7 +825,7 @@ def _load_or_build(teacher: nn.Module, metas: dict[str, dict[str, Any]], paths: 
         return result
 
     backend = resolve_kmeans_backend(settings.kmeans_backend, device)
-    with offline_threads(settings.threads) as threads, true_fp32_matmul():
+    with offline_threads(settings.threads) as threads, float32_matmuls():
         print(f"==> letKD quantizers: building {', '.join(missing)} from {teacher_arch} features of {n_images} "
               f"images (k-means {backend.name}, {threads} CPU threads, one teacher pass per layer)")
         for role in missing:       # one layer at a time: its features are freed before the next layer's pass

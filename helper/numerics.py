@@ -12,7 +12,8 @@ compiled step, where a flag cannot be switched locally, as three TF32-exact prod
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -43,6 +44,34 @@ def matmul_may_round(device: torch.device) -> bool:
     """True when a float32 matmul on ``device`` may run in TF32 (CUDA with TF32 matmuls allowed)."""
     return device.type == 'cuda' and (torch.backends.cuda.matmul.allow_tf32
                                       or torch.get_float32_matmul_precision() != 'highest')
+
+
+@contextlib.contextmanager
+def float32_matmuls() -> Iterator[None]:
+    """float32 matrix products in full fp32 (no TF32 on CUDA) for the duration; the caller's setting is
+    restored afterwards. torch has two switches that must not be mixed (torch >= 2.9 raises): the legacy one
+    (``allow_tf32`` / ``set_float32_matmul_precision``) and ``fp32_precision``; whichever the caller used is
+    the one changed, and nothing is touched when TF32 is already off."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = torch.get_float32_matmul_precision()       # raises once the new switch was used
+    except RuntimeError:
+        precision = None
+    if precision is None:
+        before = matmul.fp32_precision
+        matmul.fp32_precision = 'ieee'
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
+    elif precision != 'highest':
+        torch.set_float32_matmul_precision('highest')
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(precision)
+    else:
+        yield
 
 
 def tf32_head(x: Tensor) -> Tensor:
