@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import faiss
 import torch
 from threadpoolctl import threadpool_limits
 
@@ -55,8 +54,7 @@ def run_student(args: argparse.Namespace, teacher_ckpt: Path, distill: str, extr
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)     # the offline stage gets the same count (--offline_threads)
     with threadpool_limits(limits=args.threads):
         return run_all(args)
 
@@ -74,8 +72,9 @@ def run_all(args: argparse.Namespace) -> int:
     teacher_dir = next((Path(args.save_dir) / 'models').glob(f'{args.teacher}_digits_*'))
     teacher_ckpt = teacher_dir / f'ckpt_epoch_{args.epochs}.pth'
 
+    quantizer = ['--k_penult', '64', '--offline_threads', str(args.threads)]
     methods = [('student from scratch', 'ce', []), ('KD', 'kd', []), ('CRD', 'crd', ['--nce_k', '256']),
-               ('letKD-1', 'letkd1', ['--k_penult', '64']), ('letKD-2', 'letkd2', ['--k_penult', '64', '--k_inter', '2'])]
+               ('letKD-1', 'letkd1', quantizer), ('letKD-2', 'letkd2', [*quantizer, '--k_inter', '2'])]
     for label, distill, extra in methods:
         print(f'=== {label}: {args.teacher} -> {args.student}')
         rows.append((label, args.student, run_student(args, teacher_ckpt, distill, extra)))
