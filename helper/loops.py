@@ -243,8 +243,9 @@ class FastTrainer:
         assert self.meters is not None and self.bad is not None
         for tensor in (*self.distiller.buffers(), *self.meters.buffers(), self.bad, self.iteration_t):
             torch._dynamo.mark_static_address(tensor)
-        self.compiled = torch.compile(self._step_function, mode=self.options.compile,
-                                      backend=self.options.compile_backend)
+        # a mode is inductor's; other backends (tests: 'eager', 'aot_eager'; gpu_check: 'cudagraphs') take none
+        mode = self.options.compile if self.options.compile_backend == 'inductor' else None
+        self.compiled = torch.compile(self._step_function, mode=mode, backend=self.options.compile_backend)
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> None:
         """One optimisation step on ``batch`` = (image, target[, index[, contrast_idx]]); no host sync."""
@@ -259,8 +260,8 @@ class FastTrainer:
         if self.options.compile != 'none' and self.meters is not None and image.shape[0] == self.full_batch:
             if self.compiled is None:
                 self._compile()
-            if self.options.compile == 'reduce-overhead':
-                torch.compiler.cudagraph_mark_step_begin()
+            if self.options.compile == 'reduce-overhead' or self.options.compile_backend == 'cudagraphs':
+                torch.compiler.cudagraph_mark_step_begin()     # the previous step's graph outputs are done with
             function = self.compiled
         loss = function(image, target, extras)
         self.optimizer.zero_grad(set_to_none=True)

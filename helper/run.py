@@ -119,6 +119,29 @@ def build_optimizer(distiller: Distiller, cfg: RunConfig, device: torch.device) 
                            fused=True if cfg.fast_loop and device.type == 'cuda' else None)
 
 
+def prepare_training(distiller: Distiller, cfg: RunConfig, device: torch.device
+                     ) -> tuple[torch.optim.Optimizer, FastTrainer | None]:
+    """The optimizer of a run and, on the fast path, its FastTrainer: after the fast path's model settings
+    (channels_last weights come before the optimizer) and, under torchrun, the DDP wrapping."""
+    if cfg.fast_loop:
+        configure_fast_path(distiller, device, cfg.fast)
+    distributed.wrap(distiller, device)   # under torchrun: the step inside DDP, after the weights' final layout
+    optimizer = build_optimizer(distiller, cfg, device)
+    return optimizer, FastTrainer(distiller, optimizer, device, cfg.fast) if cfg.fast_loop else None
+
+
+def train_epoch(distiller: Distiller, data: Any, optimizer: torch.optim.Optimizer, trainer: FastTrainer | None,
+                cfg: RunConfig, epoch: int, device: torch.device) -> dict[str, float]:
+    """One training epoch of a run (the epoch's lr, the data's epoch seed, the reference or the fast loop);
+    the training statistics of ``train_one_epoch``."""
+    set_lr(optimizer, lr_at_epoch(epoch, cfg.learning_rate, cfg.lr_decay_epochs, cfg.lr_decay_rate))
+    set_epoch(data, epoch, cfg.seed)
+    if trainer is not None:
+        return train_one_epoch_fast(trainer, data.train_loader, epoch=epoch, print_freq=cfg.print_freq)
+    return train_one_epoch(distiller, data.train_loader, optimizer, epoch=epoch, device=device,
+                           print_freq=cfg.print_freq)
+
+
 def _settings(cfg: RunConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in RESUMABLE_SETTINGS}
 
@@ -154,11 +177,7 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
     Returns the summary dictionary that is also written to ``summary.json``.
     """
     run_dir = cfg.run_dir
-    if cfg.fast_loop:
-        configure_fast_path(distiller, device, cfg.fast)   # before the optimizer: channels_last weights
-    distributed.wrap(distiller, device)   # under torchrun: the step inside DDP, after the weights' final layout
-    optimizer = build_optimizer(distiller, cfg, device)
-    trainer = FastTrainer(distiller, optimizer, device, cfg.fast) if cfg.fast_loop else None
+    optimizer, trainer = prepare_training(distiller, cfg, device)
     start_epoch, best_acc, best_epoch, wall_time = 1, -1.0, 0, 0.0
     # model selection on a separate val split (None: selection = the test split, RepDistiller's way)
     test_loader = getattr(data, 'test_loader', None)
@@ -197,20 +216,13 @@ def fit(distiller: Distiller, data: Any, cfg: RunConfig, device: torch.device) -
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             tic = time.time()
-            lr = lr_at_epoch(epoch, cfg.learning_rate, cfg.lr_decay_epochs, cfg.lr_decay_rate)
-            set_lr(optimizer, lr)
-            set_epoch(data, epoch, cfg.seed)
             try:
-                if trainer is not None:
-                    train_stats = train_one_epoch_fast(trainer, data.train_loader, epoch=epoch,
-                                                       print_freq=cfg.print_freq)
-                else:
-                    train_stats = train_one_epoch(distiller, data.train_loader, optimizer, epoch=epoch,
-                                                  device=device, print_freq=cfg.print_freq)
+                train_stats = train_epoch(distiller, data, optimizer, trainer, cfg, epoch, device)
             except LossNotFinite as err:
                 raise LossNotFinite(f"{err}; stopped: {run_dir / LAST} keeps epoch {epoch - 1}, continue with "
                                     f"--resume and a smaller --learning_rate (now {cfg.learning_rate:g})",
                                     err.epoch, err.iteration) from None
+            lr = optimizer.param_groups[0]['lr']          # the epoch's, set by train_epoch
             val = validate(deployable, data.val_loader, device)
             test = val if test_loader is None else validate(deployable, test_loader, device)
             epoch_time = time.time() - tic

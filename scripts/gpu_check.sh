@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# One command that checks the GPU path end to end and prints one table (target: < 8 min on one H100):
-# generated CIFAR-format data, every registered method for a few dozen steps on both paths, a kill + resume,
-# the offline K=4096 quantizer on the device, and bench_train.py for kd and letkd2.
-#   bash scripts/gpu_check.sh                          # --device cuda
-#   bash scripts/gpu_check.sh --device cpu --tiny      # the same steps at toy sizes (what CI runs)
-# Other flags: --work_dir DIR (default: a temp folder), --methods m1 m2 ... (default: every registered method).
+# The GPU evidence in one time-boxed call (scripts/gpu_check.py says what each section measures):
+#   bash scripts/gpu_check.sh [--budget_s 480] [--out DIR]        # --device cuda
+#   bash scripts/gpu_check.sh --device cpu --tiny                 # the same checks at toy sizes (the tests)
+# Works from a plain checkout (no pip install): the repository goes on PYTHONPATH. The interpreter is $PYTHON, or
+# the first of python3 / python that imports torch (bare GPU machines may have python3 only).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$here/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" scripts/gpu_check.py "$@"
+py=""
+for candidate in ${PYTHON:-} python3 python; do
+  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import torch' >/dev/null 2>&1; then
+    py=$candidate
+    break
+  fi
+done
+if [ -z "$py" ]; then
+  echo "gpu_check.sh: no python3 or python that imports torch (set PYTHON=...)" >&2
+  exit 2
+fi
+exec "$py" scripts/gpu_check.py "$@"
