@@ -18,6 +18,7 @@ from helper import distributed
 from helper.errors import UserError
 from helper.loops import validate
 from helper.numerics import set_tf32
+from helper.optim import TRAINERS
 from helper.options import (ResolvedOptions, add_common_arguments, freeze, resolve_common, run_cli,
                             student_folder_name, teacher_name_from_path, updated)
 from helper.run import RunConfig, check_run_dir, create_run_dir, fit, load_data
@@ -49,6 +50,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('-a', '--alpha', type=float, default=None, help="weight of logit KD; default: the method's published value")
     g.add_argument('-b', '--beta', type=float, default=None, help="weight of the method's loss; default: its published value")
     g.add_argument('--kd_T', type=float, default=4, help='temperature of logit KD')
+    g.add_argument('--trainer', type=str, default='sgd', choices=TRAINERS,
+                   help="the update: sgd, or dot (DOT, ICCV 2023: separate momentum for the task term 'ce' and the "
+                        "distillation terms; helper/optim.py)")
+    g.add_argument('--dot_delta', type=float, default=0.075,
+                   help="DOT: task momentum = --momentum - delta, distillation momentum = --momentum + delta "
+                        "(mdistiller's CIFAR-100 configs: 0.075)")
     add_method_arguments(parser)
     add_common_arguments(parser)
     return parser
@@ -66,8 +73,26 @@ def resolve_options(parsed: argparse.Namespace) -> ResolvedOptions:
         opt = updated(opt, model_t=opt.model_t or 'none')
     elif opt.model_t is None and opt.path_t is not None:
         opt = updated(opt, model_t=teacher_name_from_path(opt.path_t))
+    parsed_compile = opt.compile
     opt = resolve_common(opt, opt.model_s)
+    if opt.trainer == 'dot':
+        opt = resolve_dot(opt, method, compile_was_given=parsed_compile is not None)
     return freeze(method.resolve_options(opt))
+
+
+def resolve_dot(opt: argparse.Namespace, method: type, *, compile_was_given: bool) -> argparse.Namespace:
+    """Checks of ``--trainer dot``; --fast's compile default becomes 'default' (DOT's two backward passes through
+    one step have not been run under CUDA graphs)."""
+    if not method.needs_teacher:
+        raise UserError(f"--trainer dot needs distillation terms; --distill {opt.distill} has none")
+    if opt.nesterov:
+        raise UserError("--trainer dot has no Nesterov momentum (as mdistiller's); drop --nesterov")
+    if not 0 <= opt.dot_delta <= opt.momentum or opt.momentum + opt.dot_delta >= 1:
+        raise UserError(f"--dot_delta must be in [0, --momentum] with --momentum + --dot_delta < 1, got "
+                        f"{opt.dot_delta} (momentum {opt.momentum})")
+    if opt.compile == 'reduce-overhead' and not compile_was_given:
+        opt = updated(opt, compile='default')
+    return opt
 
 
 def run_folder(opt: argparse.Namespace) -> Path:
@@ -136,7 +161,7 @@ def main(parsed: argparse.Namespace) -> dict:
           f'deployed student {count_params(deployed):,} params; run folder {run_dir}')
     summary = {'distill': opt.distill, 'model_s': opt.model_s, 'model_t': opt.model_t, 'dataset': opt.dataset,
                'trial': opt.trial, 'gamma': opt.gamma, 'alpha': opt.alpha, 'beta': opt.beta, 'teacher_acc': teacher_acc,
-               'teacher_acc_top5': teacher_acc_top5}
+               'teacher_acc_top5': teacher_acc_top5, 'trainer': opt.trainer}
     cfg = RunConfig.from_opt(opt, run_dir, opt.model_s, summary)
     return fit(distiller, data, cfg, device)
 

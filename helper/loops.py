@@ -20,6 +20,7 @@ from helper import distributed
 from helper.errors import UserError
 from helper.meters import DeviceMeters, sum_dtype
 from helper.numerics import set_tf32
+from helper.optim import apply_update
 from helper.util import AverageMeter, accuracy
 from helper.util import progress as progress_bar
 
@@ -77,9 +78,7 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
             terms = ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())
             raise LossNotFinite(f"loss became {loss.item()} at epoch {epoch}, iteration {idx + 1}/{n_batches} "
                                 f"({terms})", epoch, idx + 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        apply_update(optimizer, losses, loss)
 
         n = image.shape[0]
         acc1, acc5 = accuracy(logits.detach(), target, topk=(1, 5))
@@ -172,13 +171,13 @@ class FastTrainer:
 
     One graph per step (``compile != 'none'``): forward_train, the loss sum and the bookkeeping (the meters, the
     iteration counter and the first-bad-step record, buffers changed in place) are one compiled function, and
-    with it (AOTAutograd) their backward; CUDA graphs replay it with ``reduce-overhead``. optimizer.step()
-    stays outside (SGD's fused kernel on CUDA). The first step of a trainer runs eagerly: one-time set-up that
-    methods do lazily (CRD's normalisers, read on the host) happens there, never inside the graph; from the
-    second step on the function is compiled, once. A batch of another size than the first (the last partial
-    batch) runs the same function eagerly. Unlike the reference loop, the steps after a non-finite loss are
-    still applied until the next check, so the weights in memory may be NaN when LossNotFinite is raised;
-    last.pth (written at epoch ends) is not.
+    with it (AOTAutograd) their backward; CUDA graphs replay it with ``reduce-overhead``. The update stays
+    outside (``helper.optim.apply_update``: SGD's fused kernel on CUDA, or DOT's two backward passes). The
+    first step of a trainer runs eagerly: one-time set-up that methods do lazily (CRD's normalisers, read on
+    the host) happens there, never inside the graph; from the second step on the function is compiled, once.
+    A batch of another size than the first (the last partial batch) runs the same function eagerly. Unlike the
+    reference loop, the steps after a non-finite loss are still applied until the next check, so the weights in
+    memory may be NaN when LossNotFinite is raised; last.pth (written at epoch ends) is not.
     """
 
     def __init__(self, distiller: Distiller, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -202,8 +201,9 @@ class FastTrainer:
             self.bad.fill_(-1.0)
 
     def _step_function(self, image: torch.Tensor, target: torch.Tensor, extras: dict[str, torch.Tensor]
-                       ) -> torch.Tensor:
-        """What is compiled: forward (under autocast with --amp bf16), the loss, and the bookkeeping."""
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What is compiled: forward (under autocast with --amp bf16), the loss, and the bookkeeping; returns the
+        loss and its terms (an update rule such as DOT backpropagates the terms separately)."""
         if self.options.amp == 'bf16':
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 logits, losses = self.forward_train(image, target, **extras)
@@ -213,7 +213,7 @@ class FastTrainer:
         if self.meters is None:                   # the first (eager) step: the terms' names size the buffers
             self._create_meters(list(losses))
         self._account(loss, logits, losses, target)
-        return loss
+        return loss, losses
 
     def _create_meters(self, names: list[str]) -> None:
         self.names = names
@@ -263,10 +263,8 @@ class FastTrainer:
             if self.options.compile == 'reduce-overhead' or self.options.compile_backend == 'cudagraphs':
                 torch.compiler.cudagraph_mark_step_begin()     # the previous step's graph outputs are done with
             function = self.compiled
-        loss = function(image, target, extras)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        loss, losses = function(image, target, extras)
+        apply_update(self.optimizer, losses, loss)
         self.iteration += 1
 
     def read(self) -> dict[str, float]:

@@ -217,9 +217,11 @@ def teacher_folder_name(opt: argparse.Namespace) -> str:
 
 
 def student_folder_name(opt: argparse.Namespace) -> str:
-    """RepDistiller's student folder: S:<s>_T:<t>_<dataset>_<distill>_r:<r>_a:<a>_b:<b>_<trial>."""
+    """RepDistiller's student folder: S:<s>_T:<t>_<dataset>_<distill>_r:<r>_a:<a>_b:<b>_<trial>; ``<distill>+dot``
+    with ``--trainer dot``."""
     s = opt.name_sep
-    return (f'S{s}{opt.model_s}_T{s}{opt.model_t}_{opt.dataset}_{opt.distill}_'
+    method = opt.distill if getattr(opt, 'trainer', 'sgd') == 'sgd' else f'{opt.distill}+{opt.trainer}'
+    return (f'S{s}{opt.model_s}_T{s}{opt.model_t}_{opt.dataset}_{method}_'
             f'r{s}{float(opt.gamma)}_a{s}{float(opt.alpha)}_b{s}{float(opt.beta)}_{opt.trial}')
 
 

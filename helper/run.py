@@ -31,6 +31,7 @@ from dataset.device_data import device_bundle
 from distiller_zoo.base import Distiller
 from helper import distributed
 from helper.errors import UserError
+from helper.optim import DistillationOrientedSGD
 from helper.options import data_options
 from helper.loops import (FastOptions, FastTrainer, LossNotFinite, configure_fast_path, train_one_epoch,
                           train_one_epoch_fast, validate)
@@ -99,6 +100,8 @@ class RunConfig:
     summary_extra: dict[str, Any] = field(default_factory=dict)
     fast_loop: bool = False          # the sync-free loop (helper/loops.py FastTrainer) with the options below
     fast: FastOptions = field(default_factory=FastOptions)
+    trainer: str = 'sgd'             # 'sgd' or 'dot' (helper/optim.py), with DOT's momentum split
+    dot_delta: float = 0.075
 
     @classmethod
     def from_opt(cls, opt: Any, run_dir: Path, model_name: str, summary_extra: dict[str, Any]) -> 'RunConfig':
@@ -108,15 +111,19 @@ class RunConfig:
                    weight_decay=opt.weight_decay, momentum=opt.momentum, nesterov=opt.nesterov, seed=opt.seed,
                    save_freq=opt.save_freq, print_freq=opt.print_freq, resume=opt.resume,
                    summary_extra=summary_extra, fast_loop=bool(getattr(opt, 'fast_loop', False)),
-                   fast=FastOptions.from_opt(opt))
+                   fast=FastOptions.from_opt(opt), trainer=getattr(opt, 'trainer', 'sgd'),
+                   dot_delta=getattr(opt, 'dot_delta', 0.075))
 
 
-def build_optimizer(distiller: Distiller, cfg: RunConfig, device: torch.device) -> torch.optim.SGD:
+def build_optimizer(distiller: Distiller, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
     """SGD over the distiller's trainable parameters (never the teacher's); on the fast path on CUDA its fused
-    kernel (one launch for every parameter; the same update)."""
-    return torch.optim.SGD(list(distiller.trainable_parameters()), lr=cfg.learning_rate, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
-                           fused=True if cfg.fast_loop and device.type == 'cuda' else None)
+    kernel (one launch for every parameter; the same update). ``--trainer dot``: DOT's SGD (helper/optim.py)."""
+    params = list(distiller.trainable_parameters())
+    if cfg.trainer == 'dot':
+        return DistillationOrientedSGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, delta=cfg.dot_delta,
+                                       weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov, fused=True if cfg.fast_loop and device.type == 'cuda' else None)
 
 
 def prepare_training(distiller: Distiller, cfg: RunConfig, device: torch.device
