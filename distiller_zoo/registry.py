@@ -26,7 +26,9 @@ from distiller_zoo.DKD import DKD
 from distiller_zoo.crd import CRD
 from distiller_zoo.letkd import FitNetKDLayer, LetKD1, LetKD2, LetKDInter
 from distiller_zoo.logit_kd import KD, Vanilla
+from distiller_zoo.ofd import OFD
 from distiller_zoo.quest import QUEST
+from distiller_zoo.reviewkd import ReviewKD
 from distiller_zoo.simkd import SimKDDistiller
 from distiller_zoo.tdd import TDD, TDDCRD
 from helper.errors import UserError
@@ -51,6 +53,9 @@ DISTILLERS: dict[str, type[Distiller]] = {
     'crd': CRD,
     'dkd': DKD,
     'simkd': SimKDDistiller,
+    # ReviewKD, OFD
+    'reviewkd': ReviewKD,
+    'ofd': OFD,
     # TDD
     'tdd': TDD,
     'tdd_crd': TDDCRD,

@@ -10,11 +10,12 @@ from typing import Callable
 
 import torch.nn as nn
 
-from models.facts import IMAGENET_FACTS, MODEL_FACTS, ModelFacts, feature_channels, model_facts, model_names
+from models.facts import (IMAGENET_FACTS, MODEL_FACTS, ModelFacts, feature_channels, model_facts, model_names,
+                          stage_bns_before_relu)
 from models.sites import Site, SiteRecorder, attach, site_shapes, tap
 
 __all__ = ['model_dict', 'create_model', 'model_facts', 'ModelFacts', 'MODEL_FACTS', 'IMAGENET_FACTS',
-           'model_names', 'feature_channels',
+           'model_names', 'feature_channels', 'stage_bns_before_relu',
            'Site', 'SiteRecorder', 'attach', 'tap', 'site_shapes']
 
 # RepDistiller's name -> constructor map (the records in models/facts.py hold the other facts)

@@ -18,6 +18,11 @@ Fields:
   place. When the last stage has one block (resnet8, resnet8x4, vgg8) it is the same tensor as the
   pooled map; letKD then runs its intermediate KD layer first.
 - ``low_lr``: RepDistiller (and the letKD paper) train these students with lr 0.01 instead of 0.05.
+- ``no_bn_before_relu``: empty where ``get_bn_before_relu()`` gives, for each stage map of
+  ``forward(is_feat=True, preact=True)[1:-1]``, the BN whose output (plus the shortcut, in a residual stage)
+  a ReLU reads next (OFD's teacher margins come from these BNs: ``stage_bns_before_relu``); otherwise why
+  not: ShuffleV1/V2 (RepDistiller defines none, as mdistiller) and MobileNetV2 (its stages end in a
+  linear-bottleneck BN that no ReLU follows).
 """
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ class ModelFacts:
     pooled_map: Site
     last_stage_first_block: Site
     low_lr: bool = False
+    no_bn_before_relu: str = ''
 
     @property
     def kd_sites(self) -> dict[str, Site]:
@@ -84,11 +90,13 @@ def _records() -> list[ModelFacts]:
         records.append(ModelFacts(name, build, 'vgg', 'classifier', _VGG_POOLED, Site('block4.2')))
     # MobileNetV2: conv2 is the 1x1 conv-BN-ReLU head; ShuffleV2: relu2 follows its conv2-bn2 head
     records.append(ModelFacts('MobileNetV2', mobile_half, 'mobilenet', 'classifier.0', Site('conv2'),
-                              Site('blocks.5.0'), low_lr=True))
+                              Site('blocks.5.0'), low_lr=True,
+                              no_bn_before_relu='its stages end in a linear-bottleneck BN that no ReLU follows'))
+    shuffle_bns = 'RepDistiller and mdistiller define no BN before the ReLU of its stages'
     records.append(ModelFacts('ShuffleV1', ShuffleV1, 'shufflenet', 'linear', Site('layer3'), Site('layer3.0'),
-                              low_lr=True))
+                              low_lr=True, no_bn_before_relu=shuffle_bns))
     records.append(ModelFacts('ShuffleV2', ShuffleV2, 'shufflenet', 'linear', Site('relu2'), Site('layer3.0'),
-                              low_lr=True))
+                              low_lr=True, no_bn_before_relu=shuffle_bns))
     return records
 
 
@@ -133,3 +141,17 @@ def feature_channels(name: str, image_size: int = 32, dataset: str | None = None
     with torch.no_grad():
         feats, _ = model(torch.zeros(2, 3, image_size, image_size), is_feat=True)
     return tuple(int(f.shape[1]) for f in feats[:-1])
+
+
+def stage_bns_before_relu(model: nn.Module, name: str, dataset: str | None = None) -> list[nn.BatchNorm2d]:
+    """``model.get_bn_before_relu()``: one BN per stage map of ``forward(is_feat=True, preact=True)[1:-1]``, whose
+    output (plus the shortcut, in a residual stage) a ReLU reads next. UserError (saying why) for the models whose
+    record has ``no_bn_before_relu``."""
+    facts = model_facts(name, dataset)
+    if facts.no_bn_before_relu:
+        raise UserError(f"{name} has no BN before a ReLU per stage: {facts.no_bn_before_relu}")
+    bns = list(model.get_bn_before_relu())
+    if not all(isinstance(bn, nn.BatchNorm2d) for bn in bns):
+        raise UserError(f"{name}'s get_bn_before_relu() returns modules that are not BatchNorm2d: "
+                        f"{[type(bn).__name__ for bn in bns]}")
+    return bns

@@ -4,6 +4,7 @@ State-dict keys match those projects so trained auxiliary modules move between t
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from torch import Tensor
 from helper.errors import UserError
 
 
-def _pool_to(x: Tensor, size: Sequence[int]) -> Tensor:
+def pool_to(x: Tensor, size: Sequence[int]) -> Tensor:
     """Average-pool a (B, C, H, W) map to ``size`` = (h, w).
 
     When h divides H and w divides W this is ``avg_pool2d`` with kernel = stride = the ratio: the same
@@ -32,14 +33,14 @@ def pool_to_smaller(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Spatially align two (B, C, H, W) maps by average-pooling the larger one to the smaller size.
 
     RepDistiller's rule for AT, NST, VID, FT, FSP and SimKD (square maps assumed there; here any H, W).
-    Integer ratios (32 -> 16 -> 8, the usual case) use a deterministic ``avg_pool2d``; see ``_pool_to``.
+    Integer ratios (32 -> 16 -> 8, the usual case) use a deterministic ``avg_pool2d``; see ``pool_to``.
     """
     ha, hb = a.shape[2:], b.shape[2:]
     if ha == hb:
         return a, b
     if ha[0] > hb[0]:
-        return _pool_to(a, hb), b
-    return a, _pool_to(b, ha)
+        return pool_to(a, hb), b
+    return a, pool_to(b, ha)
 
 
 # ---- FitNet / AB / FT / CC / CRD helper modules (ConvReg, Connector, Paraphraser, Translator, Embed, LinearEmbed)
@@ -120,6 +121,32 @@ class Connector(nn.Module):
         self.connectors = nn.ModuleList(
             nn.Sequential() if s[1] == t[1] and s[2] == t[2] else ConvReg(s, t, use_relu=False)
             for s, t in zip(s_shapes, t_shapes))
+
+    def forward(self, g_s: Sequence[Tensor]) -> list[Tensor]:
+        return [connector(f) for connector, f in zip(self.connectors, g_s)]
+
+
+class ConnectorV2(nn.Module):
+    """OFD's per-stage connectors (RepDistiller's name and keys): ``connectors.<i>`` = [1x1 conv Cs -> Ct (no bias,
+    stride 1), BN(Ct)], conv weights N(0, sqrt(2 / Ct)), BN weight 1 and bias 0.
+
+    forward(g_s): list of student maps -> list of maps with the teacher's channel counts (same spatial size).
+    """
+
+    def __init__(self, s_shapes: Sequence[Sequence[int]], t_shapes: Sequence[Sequence[int]]) -> None:
+        super().__init__()
+        if len(s_shapes) != len(t_shapes):
+            raise ValueError(f"ConnectorV2 needs as many student as teacher maps, got {len(s_shapes)} and {len(t_shapes)}")
+        self.connectors = nn.ModuleList(self._connector(s[1], t[1]) for s, t in zip(s_shapes, t_shapes))
+
+    @staticmethod
+    def _connector(s_channels: int, t_channels: int) -> nn.Sequential:
+        conv = nn.Conv2d(s_channels, t_channels, kernel_size=1, stride=1, padding=0, bias=False)
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / t_channels))     # fan-out of a 1x1 kernel = Ct
+        bn = nn.BatchNorm2d(t_channels)
+        nn.init.ones_(bn.weight)
+        nn.init.zeros_(bn.bias)
+        return nn.Sequential(conv, bn)
 
     def forward(self, g_s: Sequence[Tensor]) -> list[Tensor]:
         return [connector(f) for connector, f in zip(self.connectors, g_s)]
