@@ -50,7 +50,12 @@ def load_deployed(path: str | os.PathLike, map_location: str | torch.device = 'c
     inference, what the module knows how to fold (letKD's KD layers: ``LetKDStudent.fold_bn``; other
     modules are returned unchanged); the checkpoint's keys are those of the unfolded module.
     """
-    ckpt = load_checkpoint(path, map_location=map_location)
+    return deployed_from_checkpoint(load_checkpoint(path, map_location=map_location), path, spec, fold_bn)
+
+
+def deployed_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, spec: dict[str, Any] | None = None,
+                             fold_bn: bool = False) -> nn.Module:
+    """``load_deployed`` for a checkpoint dictionary already read from ``path``."""
     spec = spec or ckpt.get('deploy')
     if spec is None:
         raise UserError(f"{path} does not say which architecture it holds; pass spec=")
