@@ -217,9 +217,11 @@ def teacher_folder_name(opt: argparse.Namespace) -> str:
 
 
 def student_folder_name(opt: argparse.Namespace) -> str:
-    """RepDistiller's student folder: S:<s>_T:<t>_<dataset>_<distill>_r:<r>_a:<a>_b:<b>_<trial>."""
+    """RepDistiller's student folder: S:<s>_T:<t>_<dataset>_<distill>_r:<r>_a:<a>_b:<b>_<trial>; <distill> ends in
+    ``_ls`` with --logit_stand (dkd and dkd + logit standardization have the same -r -a -b)."""
     s = opt.name_sep
-    return (f'S{s}{opt.model_s}_T{s}{opt.model_t}_{opt.dataset}_{opt.distill}_'
+    distill = f"{opt.distill}_ls" if getattr(opt, 'logit_stand', False) else opt.distill
+    return (f'S{s}{opt.model_s}_T{s}{opt.model_t}_{opt.dataset}_{distill}_'
             f'r{s}{float(opt.gamma)}_a{s}{float(opt.alpha)}_b{s}{float(opt.beta)}_{opt.trial}')
 
 
