@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from dataset.device_data import DEVICE_MODES
 from distiller_zoo.registry import ALIASES, DISTILLERS, add_method_arguments, canonical_name
 from helper import distributed
 from helper.errors import UserError
@@ -73,6 +74,8 @@ def resolve_options(parsed: argparse.Namespace) -> ResolvedOptions:
         opt = updated(opt, model_t=opt.model_t or 'none')
     elif opt.model_t is None and opt.path_t is not None:
         opt = updated(opt, model_t=teacher_name_from_path(opt.path_t))
+    if getattr(opt, 'device_data', None) is None and method.data_mode not in DEVICE_MODES:
+        opt = updated(opt, device_data=False)   # --fast alone: everything but device data for modes it lacks (mlkd)
     parsed_compile = opt.compile
     opt = resolve_common(opt, opt.model_s)
     if opt.trainer == 'dot':

@@ -25,9 +25,10 @@ from helper.errors import UserError
 from . import cifar100, digits, imagenet, tinyimagenet
 from .common import seed_worker, torchvision_padding_mode, with_transform
 from .sampling import ContrastiveSampleDataset, IndexedDataset
+from .strong_aug import WeakStrongDataset, strong_transform
 
 DATASETS = ("cifar100", "tinyimagenet", "imagenet", "digits")
-MODES = ("plain", "instance", "crd")
+MODES = ("plain", "instance", "crd", "weak_strong")
 
 __all__ = [
     "DATASETS", "MODES", "DataBundle", "DataInfo", "get_dataloaders", "get_datasets", "get_transforms", "set_epoch",
@@ -52,7 +53,8 @@ class DataBundle:
     """Everything a training run needs from the data side.
 
     train_loader: shuffled, augmented; (img, target) for mode 'plain', (img, target, index) for
-        'instance', (img, target, index, sample_idx) for 'crd'.
+        'instance', (img, target, index, sample_idx) for 'crd', (img, target, index, img_strong) for
+        'weak_strong' (dataset/strong_aug.py).
     val_loader: the evaluation split, test transform, no shuffle; (img, target). With a separate
         test split (test_loader not None) this is the model-selection split.
     train_eval_loader: train split, test transform, in order; (img, target, index).
@@ -142,8 +144,9 @@ def get_dataloaders(
 ) -> DataBundle:
     """Build the train / val / train-eval loaders of `dataset` (see DataBundle for what they yield).
 
-    mode: 'plain', 'instance' or 'crd' (nce_k negatives, crd_mode 'exact'/'relax', percent of the
-    negative pool). test_batch_size defaults to batch_size // 2 (RepDistiller), at least 1; the
+    mode: 'plain', 'instance', 'crd' (nce_k negatives, crd_mode 'exact'/'relax', percent of the
+    negative pool) or 'weak_strong' (a second, strongly augmented view: dataset/strong_aug.py).
+    test_batch_size defaults to batch_size // 2 (RepDistiller), at least 1; the
     val loader uses num_workers // 2 workers. drop_last: the train loader skips the last incomplete
     batch (the letKD/QUEST protocol: 781 iterations per CIFAR-100 epoch at batch 64).
     augment, split: Tiny-ImageNet's augmentation ('rotate'/'crop') and evaluation split
@@ -178,6 +181,8 @@ def get_dataloaders(
         train_items: Dataset = IndexedDataset(train_set)
     elif mode == "crd":
         train_items = ContrastiveSampleDataset(train_set, k=nce_k, mode=crd_mode, percent=percent, seed=seed)
+    elif mode == "weak_strong":
+        train_items = WeakStrongDataset(with_transform(train_set, None), train_tf, strong_transform(train_tf))
     else:
         train_items = train_set
 

@@ -34,6 +34,7 @@ from . import cifar100, digits, tinyimagenet
 from .sampling import ContrastiveIndexSampler
 
 SUPPORTED = ("cifar100", "tinyimagenet", "digits")
+DEVICE_MODES = ("plain", "instance", "crd")   # not 'weak_strong': its strong view is PIL-only (dataset/strong_aug.py)
 EVAL_BATCH_SIZE = 1024   # evaluation needs no small batches: BN is in eval mode
 
 
@@ -316,6 +317,9 @@ def device_bundle(bundle: Any, dataset: str, device: torch.device | str, *, mode
     """
     if dataset not in SUPPORTED:
         raise UserError(f"--device_data supports {', '.join(SUPPORTED)}, not {dataset}")
+    if mode not in DEVICE_MODES:
+        raise UserError(f"--device_data has no '{mode}' data mode (its strong augmentation runs on PIL images in the "
+                        "reference loaders); pass --no-device_data")
     module = {"cifar100": cifar100, "digits": digits, "tinyimagenet": tinyimagenet}[dataset]
     device = torch.device(device)
     reference = bundle.train_loader

@@ -2,6 +2,8 @@
 
 ``DKDLoss`` is ``alpha * TCKD + beta * NCKD`` (no CE, no warm-up). The Distiller ``dkd`` adds
 ``-r`` x CE and multiplies DKD by ``min(epoch / --dkd_warmup, 1)``, a buffer ``start_epoch`` sets.
+``--logit_stand`` (distiller_zoo/logit_stand.py) feeds DKDLoss the z-scored logits, at ``--base_temp``, with
+alpha and beta multiplied by ``--kd_weight`` (the official logit-standardization ``DKD.py`` / ``tools/train.py``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from torch import Tensor
 
 from dataset import DataInfo
 from distiller_zoo.base import Distiller
+from distiller_zoo.logit_stand import LogitStand, add_logit_stand_arguments, resolve_logit_stand
 from helper.errors import UserError
+from helper.options import updated
 
 # subtracted from the target logit (after /T) so that it vanishes from the non-target softmax
 _MASK_SHIFT = 1000.0
@@ -63,19 +67,20 @@ def add_dkd_arguments(parser: ArgumentParser) -> None:
     g.add_argument('--dkd_warmup', type=int, default=20, help='epochs of linear DKD warm-up (0: none)')
 
 
-class DKD(Distiller):
+class DKD(LogitStand, Distiller):
     """``-r`` x CE(student) + min(epoch / warmup, 1) x DKDLoss(--dkd_alpha, --dkd_beta, --dkd_T).
 
     ``-b`` is not used (DKD's weights are ``--dkd_alpha`` / ``--dkd_beta``); ``-a`` adds Hinton KD on top.
+    With ``--logit_stand``: DKDLoss(w * --dkd_alpha, w * --dkd_beta, --base_temp) on the z-scored logits, w = ``--kd_weight``.
     """
 
     name = 'dkd'
     default_weights = (1.0, 0.0, 0.0)   # mdistiller: DKD.CE_WEIGHT = 1, no KD term
-    option_groups = (add_dkd_arguments,)
+    option_groups = (add_dkd_arguments, add_logit_stand_arguments)
 
     @classmethod
     def resolve_options(cls, opt: Namespace) -> Namespace:
-        opt = super().resolve_options(opt)
+        opt = super().resolve_options(updated(opt, **resolve_logit_stand(opt, cls.name)))
         if opt.beta != 0:
             raise UserError(f"dkd does not use -b (got {opt.beta}); set its weights with --dkd_alpha / --dkd_beta")
         if opt.dkd_warmup < 0:
@@ -88,7 +93,11 @@ class DKD(Distiller):
                  info: DataInfo) -> None:
         super().__init__(student, teacher, opt, info)
         self.warmup = int(opt.dkd_warmup)
-        self.criterion_dkd = DKDLoss(opt.dkd_alpha, opt.dkd_beta, opt.dkd_T)
+        self.init_logit_stand(opt)
+        if self.logit_stand:   # the official tools/train.py: ALPHA and BETA times --kd-weight, T = --base-temp
+            self.criterion_dkd = DKDLoss(opt.kd_weight * opt.dkd_alpha, opt.kd_weight * opt.dkd_beta, opt.base_temp)
+        else:
+            self.criterion_dkd = DKDLoss(opt.dkd_alpha, opt.dkd_beta, opt.dkd_T)
         # the epoch's warm-up factor as a tensor: a Python number would recompile a compiled step every epoch
         self.register_buffer('warmup_scale', torch.tensor(self.warmup_factor(1)), persistent=False)
 
@@ -104,5 +113,5 @@ class DKD(Distiller):
         with torch.no_grad():
             logit_t = self.teacher(image)
         losses = self.logit_losses(logit_s, logit_t, target)
-        losses[self.name] = self.warmup_scale * self.criterion_dkd(logit_s, logit_t, target)
+        losses[self.name] = self.warmup_scale * self.criterion_dkd(self.stand(logit_s), self.stand(logit_t), target)
         return logit_s, losses

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from dataset import DataInfo
 from distiller_zoo.KD import DistillKL
+from distiller_zoo.logit_stand import check_logit_stand_unused
 from helper.options import updated
 
 OptionGroup = Callable[[ArgumentParser], Any]   # adds one argument group of flags to a parser
@@ -64,6 +65,7 @@ class Distiller(nn.Module):
     preact = False           # feature flavour asked of both networks (only AB uses pre-activations)
     default_weights = (1.0, 0.0, 0.0)   # published (-r, -a, -b), used when the flags are not given
     option_groups: tuple[OptionGroup, ...] = ()   # declarations of the flags the method reads
+    has_logit_stand = False  # --logit_stand applies (distiller_zoo/logit_stand.py LogitStand sets it)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace, info: DataInfo) -> None:
         super().__init__()
@@ -92,6 +94,8 @@ class Distiller(nn.Module):
         given. Subclasses extend it (``opt = super().resolve_options(opt)``, checks, ``updated(opt, ...)``)
         for per-pair defaults; never write into ``opt``.
         """
+        if not cls.has_logit_stand:
+            check_logit_stand_unused(opt, cls.name)
         weights = dict(zip(('gamma', 'alpha', 'beta'), cls.default_weights))
         return updated(opt, **{flag: value for flag, value in weights.items() if getattr(opt, flag, None) is None})
 

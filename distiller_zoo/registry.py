@@ -24,8 +24,11 @@ from distiller_zoo.SP import SPDistiller
 from distiller_zoo.VID import VIDDistiller
 from distiller_zoo.DKD import DKD
 from distiller_zoo.crd import CRD
+from distiller_zoo.ctkd import CTKD
+from distiller_zoo.dist import DIST
 from distiller_zoo.letkd import FitNetKDLayer, LetKD1, LetKD2, LetKDInter
 from distiller_zoo.logit_kd import KD, Vanilla
+from distiller_zoo.mlkd import MLKD
 from distiller_zoo.ofd import OFD
 from distiller_zoo.quest import QUEST
 from distiller_zoo.reviewkd import ReviewKD
@@ -66,6 +69,10 @@ DISTILLERS: dict[str, type[Distiller]] = {
     # letKD ablation variants (supplementary Tables 5 and 6)
     'letkd_inter': LetKDInter,
     'fitnet_kdlayer': FitNetKDLayer,
+    # logit methods (issue 20); --logit_stand switches logit standardization on for kd, dkd, mlkd and ctkd
+    'dist': DIST,
+    'ctkd': CTKD,
+    'mlkd': MLKD,
 }
 
 # other accepted spellings -> canonical name

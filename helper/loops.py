@@ -24,8 +24,25 @@ from helper.optim import apply_update
 from helper.util import AverageMeter, accuracy
 from helper.util import progress as progress_bar
 
-# batch layout of the training loaders: (image, target[, index[, contrast_idx]])
+# batch layout of the training loaders: (image, target[, index[, contrast_idx]]) ('plain', 'instance', 'crd')
 EXTRA_NAMES = ('index', 'contrast_idx')
+# ... and of the data modes whose third and later items are other extras: (image, target, index, image_strong)
+MODE_EXTRA_NAMES = {'weak_strong': ('index', 'image_strong')}
+
+
+def extra_names(distiller: Any) -> tuple[str, ...]:
+    """The keyword names of a batch's items after (image, target), from the Distiller's data mode."""
+    return MODE_EXTRA_NAMES.get(getattr(distiller, 'data_mode', None), EXTRA_NAMES)
+
+
+def batch_extras(batch: tuple[torch.Tensor, ...], names: tuple[str, ...], device: torch.device,
+                 channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """``batch[2:]`` on ``device`` by name; extra images (``image_*``) in channels_last memory when asked."""
+    extras = {name: t.to(device, non_blocking=True) for name, t in zip(names, batch[2:])}
+    if channels_last:
+        extras = {name: t.contiguous(memory_format=torch.channels_last) if name.startswith('image') else t
+                  for name, t in extras.items()}
+    return extras
 
 
 class LossNotFinite(UserError):
@@ -51,8 +68,8 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
                     progress: bool | None = None) -> dict[str, float]:
     """One epoch over ``loader``. Returns train_loss, train_acc, train_acc_top5 and each named loss.
 
-    Each batch is ``(image, target[, index[, contrast_idx]])``; index/contrast_idx and the epoch
-    are passed to ``forward_train`` as keyword arguments.
+    Each batch is ``(image, target[, index[, contrast_idx]])`` (data mode 'weak_strong': ``(image, target, index,
+    image_strong)``); the items after the target are passed to ``forward_train`` as keyword arguments.
     """
     distiller.train()
     distiller.start_epoch(epoch)
@@ -63,9 +80,10 @@ def train_one_epoch(distiller: Distiller, loader: Iterable, optimizer: torch.opt
     bar = progress_bar(loader, f'epoch {epoch}', n_batches, progress)
     end = time.time()
     forward_train = distributed.forward_train_of(distiller)  # inside DistributedDataParallel under torchrun
+    names = extra_names(distiller)
     for idx, batch in enumerate(bar):
         image, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        extras = {name: t.to(device, non_blocking=True) for name, t in zip(EXTRA_NAMES, batch[2:])}
+        extras = batch_extras(batch, names, device)
         logits, losses = forward_train(image, target, **extras)
         loss = total_loss(losses)
         finite = bool(torch.isfinite(loss))   # a host sync per step (the fast path checks on the device)
@@ -248,12 +266,12 @@ class FastTrainer:
         self.compiled = torch.compile(self._step_function, mode=mode, backend=self.options.compile_backend)
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> None:
-        """One optimisation step on ``batch`` = (image, target[, index[, contrast_idx]]); no host sync."""
+        """One optimisation step on ``batch`` = (image, target, *extras) (``extra_names``); no host sync."""
         image = batch[0].to(self.device, non_blocking=True)
         if self.options.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         target = batch[1].to(self.device, non_blocking=True)
-        extras = {name: t.to(self.device, non_blocking=True) for name, t in zip(EXTRA_NAMES, batch[2:])}
+        extras = batch_extras(batch, extra_names(self.distiller), self.device, self.options.channels_last)
         if self.full_batch is None:
             self.full_batch = image.shape[0]
         function = self._step_function

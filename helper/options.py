@@ -217,10 +217,13 @@ def teacher_folder_name(opt: argparse.Namespace) -> str:
 
 
 def student_folder_name(opt: argparse.Namespace) -> str:
-    """RepDistiller's student folder: S:<s>_T:<t>_<dataset>_<distill>_r:<r>_a:<a>_b:<b>_<trial>; ``<distill>+dot``
-    with ``--trainer dot``."""
+    """RepDistiller's student folder: S:<s>_T:<t>_<dataset>_<distill>_r:<r>_a:<a>_b:<b>_<trial>; <distill> ends in
+    ``_ls`` with --logit_stand (dkd and dkd + logit standardization have the same -r -a -b) and is followed by
+    ``+dot`` with ``--trainer dot``."""
     s = opt.name_sep
-    method = opt.distill if getattr(opt, 'trainer', 'sgd') == 'sgd' else f'{opt.distill}+{opt.trainer}'
+    method = f"{opt.distill}_ls" if getattr(opt, 'logit_stand', False) else opt.distill
+    if getattr(opt, 'trainer', 'sgd') != 'sgd':
+        method = f'{method}+{opt.trainer}'
     return (f'S{s}{opt.model_s}_T{s}{opt.model_t}_{opt.dataset}_{method}_'
             f'r{s}{float(opt.gamma)}_a{s}{float(opt.alpha)}_b{s}{float(opt.beta)}_{opt.trial}')
 

@@ -411,7 +411,7 @@ def worker_numerics(a: argparse.Namespace) -> None:
     loss and gradients of the last batch compared."""
     import torch
 
-    from helper.loops import FastOptions, FastTrainer, total_loss
+    from helper.loops import FastOptions, FastTrainer, batch_extras, extra_names, total_loss
     from helper.numerics import set_tf32
     size = sizes(a.tiny)
     device = torch.device(a.device)
@@ -429,7 +429,8 @@ def worker_numerics(a: argparse.Namespace) -> None:
                 step_losses = []
                 for batch in batches:
                     distiller.zero_grad(set_to_none=True)
-                    _, losses = distiller.forward_train(batch[0], batch[1], **_extras(batch))
+                    _, losses = distiller.forward_train(batch[0], batch[1],
+                                                        **batch_extras(batch, extra_names(distiller), device))
                     loss = total_loss(losses)
                     loss.backward()
                     step_losses.append(float(loss))
@@ -453,11 +454,6 @@ def worker_numerics(a: argparse.Namespace) -> None:
               'tolerance': 'mean loss rel. diff < 1e-5; per tensor max |grad diff| / max |grad| < 1e-3; TF32 off',
               'loss_rel_diff': loss_diff, 'worst_relative_grad_diff': worst, 'reference_mean_loss': ref_loss,
               'fast_mean_loss': fast_loss, 'tensors': len(ref_grads)})
-
-
-def _extras(batch: tuple) -> dict[str, Any]:
-    from helper.loops import EXTRA_NAMES
-    return dict(zip(EXTRA_NAMES, batch[2:]))
 
 
 WORKERS = {'speed': worker_speed, 'concurrency': worker_concurrency, 'methods': worker_methods,

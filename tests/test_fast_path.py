@@ -4,6 +4,7 @@ the same meters and weights as the reference loop, compile / bf16 / channels_las
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from torchvision import transforms
 
 import train_teacher
 from dataset import cifar100, get_dataloaders, set_epoch, tinyimagenet
-from dataset.device_data import Augmentation, DeviceCRDSampler, DeviceTrainLoader, device_bundle
+from dataset.device_data import DEVICE_MODES, Augmentation, DeviceCRDSampler, DeviceTrainLoader, device_bundle
 from distiller_zoo.registry import DISTILLERS
 from helper.errors import UserError
 from helper.loops import (FastOptions, FastTrainer, LossNotFinite, configure_fast_path, train_one_epoch,
@@ -172,9 +173,30 @@ def cifar_folder(tmp_path_factory):
     return str(root)
 
 
+class PreloadedLoader:
+    """The batches of one pass of a reference loader, read once: the stand-in for device data in the data modes
+    dataset/device_data.py does not have ('weak_strong'), so that a step's syncs and graphs are the step's own
+    (torchvision's PIL transforms read random numbers with .item())."""
+
+    def __init__(self, loader) -> None:
+        self.batches = [tuple(batch) for batch in loader]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def set_epoch(self, epoch: int, seed: int, stream: int = 0) -> None:
+        pass
+
+
 def small_bundle(folder: str, mode: str = 'plain', batch_size: int = 16):
-    """The fixture data on the device, loaders as the CLIs build them."""
+    """The fixture data on the device, loaders as the CLIs build them (preloaded reference batches for the
+    modes without device data)."""
     reference = get_dataloaders('cifar100', folder, batch_size, 0, mode=mode, nce_k=32, download=False)
+    if mode not in DEVICE_MODES:
+        return replace(reference, train_loader=PreloadedLoader(reference.train_loader))
     return device_bundle(reference, 'cifar100', CPU, mode=mode)
 
 

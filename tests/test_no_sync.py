@@ -49,7 +49,8 @@ def training_step(distiller: Any, seed: int) -> None:
     index = torch.randint(0, N_DATA, (BATCH,), generator=g)
     contrast_idx = torch.randint(0, N_DATA, (BATCH, 9), generator=g)
     contrast_idx[:, 0] = index
-    _, losses = distiller.forward_train(image, target, index=index, contrast_idx=contrast_idx)
+    image_strong = torch.randn(BATCH, 3, 32, 32, generator=g)     # the second view of the 'weak_strong' mode (mlkd)
+    _, losses = distiller.forward_train(image, target, index=index, contrast_idx=contrast_idx, image_strong=image_strong)
     loss = sum(losses.values())
     loss.backward()
 
