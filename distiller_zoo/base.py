@@ -58,6 +58,8 @@ class Distiller(nn.Module):
     preact = False           # feature flavour asked of both networks (only AB uses pre-activations)
     default_weights = (1.0, 0.0, 0.0)   # published (-r, -a, -b), used when the flags are not given
     option_groups: tuple[OptionGroup, ...] = ()   # declarations of the flags the method reads
+    # DDP under torchrun: True only for a method some of whose trainable parameters get no gradient in some steps
+    find_unused_parameters = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace, info: DataInfo) -> None:
         super().__init__()
