@@ -139,7 +139,7 @@ def launch(job: Job, gpu: str | None, log_dir: Path) -> subprocess.Popen:
         return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, pass_fds=fds)
     finally:
         log.close()
-        if job.lock is not None:
+        if job.lock is not None and fds:     # the child holds it now (without flock: this process, until it ends)
             job.lock.release()
 
 
@@ -174,6 +174,8 @@ def run_stage(commands: list[list[str]], slots: list[str | None], log_dir: Path,
             for slot, (proc, job) in list(running.items()):
                 if proc.poll() is not None:
                     del running[slot]
+                    if job.lock is not None:
+                        job.lock.release()
                     status = 'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'
                     failed += proc.returncode != 0
                     print(f'[{status}] {job.name}', flush=True)
