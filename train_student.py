@@ -153,8 +153,12 @@ def main(parsed: argparse.Namespace) -> dict:
         if published is not None and abs(teacher_acc - published) > TEACHER_ACC_TOLERANCE:
             print(f'warning: teacher {opt.model_t} scores {teacher_acc:.2f}, the published checkpoint {published:.2f}; '
                   'check that this is the checkpoint you meant', file=sys.stderr)
-    with distributed.main_first():  # rank 0 builds the caches, the others then load them
-        distiller.prepare(data, device=device, cache_dir=str(Path(opt.save_dir) / 'cache'), resumed=opt.resume)
+    cache_dir = str(Path(opt.save_dir) / 'cache')
+    if getattr(method, 'collective_prepare', False):   # init stages (AB/FT/FSP): every rank on its shard at once
+        distiller.prepare(data, device=device, cache_dir=cache_dir, resumed=opt.resume)
+    else:
+        with distributed.main_first(cache_dir):   # rank 0 builds the caches, the others then load them
+            distiller.prepare(data, device=device, cache_dir=cache_dir, resumed=opt.resume)
 
     create_run_dir(run_dir, overwrite=opt.overwrite)   # rank 0 under torchrun
     if not opt.resume:

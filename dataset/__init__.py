@@ -17,14 +17,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from helper.errors import UserError
 
 from . import cifar100, digits, imagenet, tinyimagenet
 from .common import seed_worker, torchvision_padding_mode, with_transform
-from .sampling import ContrastiveSampleDataset, IndexedDataset
+from .sampling import ContrastiveSampleDataset, EpochKeyedSampler, IndexedDataset, SeededItems
 from .strong_aug import WeakStrongDataset, strong_transform
 
 DATASETS = ("cifar100", "tinyimagenet", "imagenet", "digits")
@@ -153,6 +153,10 @@ def get_dataloaders(
     ('val50': one evaluation set; 'letkd': val_loader for selection and test_loader for reporting).
     crop_size: ImageNet's crop (default 224). persistent_workers: keep worker processes between epochs
     (default: on for ImageNet with workers, where starting them costs seconds; off elsewhere, as before).
+    A train loader with persistent workers seeds each item's augmentation from (the epoch's seed, index)
+    (``EpochKeyedSampler`` + ``SeededItems``): its workers draw their own seeds only once, so this is what
+    makes a resumed run's augmentation equal the uninterrupted run's. Loaders whose workers restart every
+    epoch keep the worker seeding they always had (their numbers are unchanged).
     The train loader is seeded for epoch 0 here; call
     `set_epoch(bundle, epoch, seed)` before each epoch for reproducible, resumable runs.
     With num_workers=0 augmentation draws from the global torch RNG (seed it in the caller).
@@ -195,8 +199,16 @@ def get_dataloaders(
         return dict(num_workers=n, persistent_workers=keep and n > 0)
 
     common = dict(pin_memory=pin_memory, worker_init_fn=seed_worker)
-    train_loader = DataLoader(train_items, batch_size=batch_size, shuffle=True, generator=torch.Generator(),
-                              drop_last=drop_last, **workers(num_workers), **common)
+    if persistent_workers and num_workers > 0:
+        # the order from a generator of its own (the loader's generator also feeds the workers' base seeds,
+        # drawn when the workers start: once per run here, so sharing it would shift the order after a resume)
+        keyed = SeededItems(train_items)
+        train_loader = DataLoader(keyed, batch_size=batch_size, generator=torch.Generator(), drop_last=drop_last,
+                                  sampler=EpochKeyedSampler(RandomSampler(keyed, generator=torch.Generator())),
+                                  **workers(num_workers), **common)
+    else:
+        train_loader = DataLoader(train_items, batch_size=batch_size, shuffle=True, generator=torch.Generator(),
+                                  drop_last=drop_last, **workers(num_workers), **common)
     # the evaluation loaders get generators of their own: without one, each iteration draws its workers' base
     # seed from the global torch RNG, so an offline stage that reads train_eval_loader only when its cache is
     # missing would change the augmentation of the training run that follows
@@ -240,7 +252,9 @@ def set_epoch(bundle_or_loader: DataBundle | DataLoader, epoch: int, seed: int, 
     """Make the next iteration of the train loader a pure function of (seed, epoch, stream).
 
     Reseeds the loader's generator in place (shuffling order and the worker seeds that drive
-    augmentation) and calls `dataset.set_epoch(epoch)` when the dataset has one (CRD negatives).
+    augmentation) and calls `dataset.set_epoch(epoch)` when the dataset has one (CRD negatives). A loader
+    whose sampler is an `EpochKeyedSampler` (persistent workers) gets its order generator reseeded and the
+    epoch's seed handed to every item (its augmentation seed).
     Call it before creating the epoch's iterator. Accepts a DataBundle (its train_loader) or a loader;
     a device-resident loader (dataset.device_data) reseeds its own generator the same way.
     stream: MAIN_STREAM for the training epochs, INIT_STREAM for an init stage (AB/FT/FSP), so the
@@ -256,10 +270,15 @@ def set_epoch(bundle_or_loader: DataBundle | DataLoader, epoch: int, seed: int, 
     if seed < 0 or epoch < 0 or stream < 0:
         raise ValueError(f"seed, epoch and stream must be >= 0, got seed={seed}, epoch={epoch}, stream={stream}")
     seed_value = epoch_seed(seed, epoch, stream)
-    sampler = loader.sampler
+    keyed = loader.sampler if isinstance(loader.sampler, EpochKeyedSampler) else None
+    sampler = keyed.sampler if keyed is not None else loader.sampler
     if isinstance(sampler, DistributedSampler):  # under torchrun: the shard's order, and a stream per rank
         sampler.set_epoch(epoch)
         seed_value = (seed_value + 0x9E3779B97F4A7C15 * sampler.rank) % 2**63
+    elif isinstance(sampler, RandomSampler) and keyed is not None and sampler.generator is not None:
+        sampler.generator.manual_seed(seed_value)
+    if keyed is not None:
+        keyed.set_key(epoch, seed_value)
     loader.generator.manual_seed(seed_value)
     dataset_set_epoch = getattr(loader.dataset, "set_epoch", None)
     if callable(dataset_set_epoch):

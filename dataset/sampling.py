@@ -8,14 +8,25 @@ bank. `ContrastiveIndexSampler` draws those indices for any integer label vector
 Reproducibility: the draw for item `index` uses `np.random.default_rng([seed, epoch, index])`,
 so it depends only on (seed, epoch, index), never on the worker that loads the item or on the
 order of the batches. Call `set_epoch(epoch)` before iterating to get new negatives each epoch.
+The per-class index arrays are int32 when the data set allows it (ImageNet: 1000 classes x 1.28M
+negatives are 5 GB as int32, 10 GB as int64, per process); the drawn indices are the same.
+
+`EpochKeyedSampler` + `SeededItems`: augmentation that is a pure function of (the epoch's seed, index), for
+loaders whose worker processes persist between epochs (ImageNet). Such workers draw their RNG seeds once,
+when they start, so without this the augmentation of epoch e would depend on whether the workers were
+started in epoch 1 or in epoch e (a resumed run). The sampler runs in the main process and tags every index
+with the epoch and its seed; the dataset wrapper, in the worker, seeds torch, `random` and NumPy from
+(seed, index) before loading the item and passes the epoch on (CRD's negatives).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import random
+from typing import Any, Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, Sampler
 
 MODES = ("exact", "relax")
 
@@ -66,9 +77,11 @@ class ContrastiveIndexSampler:
         self.seed = int(seed)
         self.epoch = 0
         self.num_classes = n_cls
-        # RepDistiller's names: per class, the indices of that class / of all other classes.
-        self.cls_positive = [np.flatnonzero(labels == c) for c in range(n_cls)]
-        self.cls_negative = [np.flatnonzero(labels != c) for c in range(n_cls)]
+        # RepDistiller's names: per class, the indices of that class / of all other classes. int32 when the
+        # indices fit (they index into the pools below, so the draws are the same as with int64 arrays)
+        index_type = np.int32 if labels.size <= np.iinfo(np.int32).max else np.int64
+        self.cls_positive = [np.flatnonzero(labels == c).astype(index_type) for c in range(n_cls)]
+        self.cls_negative = [np.flatnonzero(labels != c).astype(index_type) for c in range(n_cls)]
         for c in np.unique(labels):
             if self.cls_negative[c].size == 0:
                 raise ValueError("CRD sampling needs at least two classes (no negatives for class %d)" % c)
@@ -183,3 +196,60 @@ class ContrastiveSampleDataset(ContrastiveSampling, _Wrapper):
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         img, target = self.base[index][:2]
         return self.contrastive_item(img, target, index)
+
+
+class EpochKeyedSampler(Sampler):
+    """Wraps a sampler (RandomSampler, DistributedSampler) and yields ``(epoch, seed, index)`` for each of its
+    indices, with the values of ``set_key`` at the moment the epoch's iteration starts (main process)."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.epoch, self.seed = 0, 0
+
+    def set_key(self, epoch: int, seed: int) -> None:
+        self.epoch, self.seed = int(epoch), int(seed)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        epoch, seed = self.epoch, self.seed
+        for index in self.sampler:
+            yield epoch, seed, int(index)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
+def item_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for item ``index`` of the epoch whose seed is ``seed``."""
+    lo, hi = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32, int(index)]).generate_state(
+        2, dtype=np.uint32)
+    return (int(hi) << 31) ^ int(lo)
+
+
+class SeededItems(_Wrapper):
+    """Item ``(epoch, seed, index)``: seeds torch's CPU generator, Python's ``random`` and NumPy's global RNG from
+    ``item_seed(seed, index)``, gives the wrapped dataset the epoch (``set_epoch``, when it has one), then
+    returns ``base[index]``. A plain integer index is passed through unchanged (no seeding)."""
+
+    def __init__(self, base: Dataset) -> None:
+        super().__init__(base)
+        self._epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        base_set_epoch = getattr(self.base, "set_epoch", None)
+        if callable(base_set_epoch):
+            base_set_epoch(epoch)
+        self._epoch = int(epoch)
+
+    def __getitem__(self, item: Any) -> Any:
+        if not isinstance(item, tuple):
+            return self.base[item]
+        epoch, seed, index = item
+        if epoch != self._epoch:      # a persistent worker's copy learns the epoch here
+            self.set_epoch(epoch)
+        value = item_seed(seed, index)
+        # the CPU generator only (what transforms draw from; torch.manual_seed also visits every accelerator
+        # backend: 100 times slower)
+        torch.default_generator.manual_seed(value)
+        random.seed(value)
+        np.random.seed(value % 2**32)
+        return self.base[index]

@@ -66,6 +66,8 @@ class Distiller(nn.Module):
     default_weights = (1.0, 0.0, 0.0)   # published (-r, -a, -b), used when the flags are not given
     option_groups: tuple[OptionGroup, ...] = ()   # declarations of the flags the method reads
     has_logit_stand = False  # --logit_stand applies (distiller_zoo/logit_stand.py LogitStand sets it)
+    # DDP under torchrun: True only for a method some of whose trainable parameters get no gradient in some steps
+    find_unused_parameters = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace, info: DataInfo) -> None:
         super().__init__()

@@ -16,15 +16,24 @@ path is the default and unchanged. Under torchrun:
   (DistributedSampler would repeat images to even out the shards), and ``all_reduce_meters`` sums
   correct counts and totals over ranks, never per-rank averages.
 - ``wrap``: the distiller's training step runs inside ``DistributedDataParallel`` (gradients averaged over
-  ranks; ``find_unused_parameters`` since some methods leave parameters unused in a step). Buffers are not
-  broadcast each step (CRD's memory bank would be sent every step); instead ``sync_batchnorm_stats``
-  averages BatchNorm running statistics over ranks at the end of every epoch, so all ranks evaluate and save
-  identical models. BN batch statistics are per process (as under mdistiller's DataParallel).
+  ranks). ``find_unused_parameters`` is the Distiller's class attribute of that name (default False: every
+  registered method gives every trainable parameter a gradient in every step, tests/test_distributed.py);
+  ``static_graph`` is on where that holds and the step is not compiled (DDPOptimizer and static graphs are
+  reported not to mix). Buffers are not broadcast each step (CRD's memory bank would be sent every step);
+  instead ``sync_batchnorm_stats`` averages BatchNorm running statistics over ranks at the end of every epoch,
+  so all ranks evaluate and save identical models. BN batch statistics are per process (as under
+  mdistiller's DataParallel) unless ``--sync_bn`` converts the trainable modules' BatchNorm layers to
+  SyncBatchNorm (``convert_sync_batchnorm``; CUDA only, the teacher is left as it is).
 - CRD's memory bank (crd/memory.py) is updated with the batches of all ranks (``all_gather_cat``) and its
   normalisation constants are averaged over ranks, so every rank keeps an identical bank.
-- Offline stages (letKD/QUEST quantizers, TDD trees, AB/FT/FSP init) run in ``main_first``: rank 0 builds
-  and writes the cache under the existing file lock while the others wait at a barrier, then load it;
-  ``wrap`` then broadcasts rank 0's parameters and buffers once.
+- Offline stages that write caches (letKD/QUEST quantizers, TDD trees) run in ``main_first``: rank 0 builds
+  and writes the cache under the existing file lock, then a done-marker; the others poll for the marker
+  (no collective is pending while they wait, so the collective timeout does not apply), then load the cache.
+  Build the caches beforehand at ImageNet scale (the sweeps' offline stage, helper/letkd_offline.py).
+- Init stages (AB/FT/FSP) run on every rank together, each on its shard, with gradients averaged over ranks
+  (``average_gradients``, helper/pretrain.py); ``wrap`` then broadcasts rank 0's parameters and buffers once.
+- Collectives time out after ``TIMEOUT`` (30 minutes): a rank that died or hangs ends the run instead of
+  holding the GPUs for hours.
 - Only rank 0 writes files (``is_main``; helper/util.py's checkpoint and JSON writers check it).
 - Resume: every rank loads ``last.pth``; the global RNG states saved by rank 0 are every rank's (all ranks
   share the seed and draw the same amounts), and the samplers are pure functions of (seed, epoch).
@@ -34,8 +43,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
+import uuid
 import weakref
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sized
 
 import torch
@@ -46,9 +58,11 @@ from torch.utils.data.distributed import DistributedSampler
 
 from helper.errors import UserError
 
-# long enough for rank 0 to build quantizers while the others wait at a barrier (build them beforehand at
-# ImageNet scale: helper/letkd_offline.py)
-TIMEOUT = timedelta(hours=3)
+# The timeout of every collective. No rank waits in a collective while another builds a cache (``main_first``
+# polls a marker file instead), so a collective that takes this long means a dead or hung rank.
+TIMEOUT = timedelta(minutes=30)
+MAIN_FIRST_POLL_S = 5.0                 # how often the other ranks look for rank 0's done-marker
+MAIN_FIRST_LIMIT = timedelta(hours=24)  # ... and how long they look before giving up
 _WRAPPED: 'weakref.WeakKeyDictionary[nn.Module, nn.Module]' = weakref.WeakKeyDictionary()
 
 
@@ -111,15 +125,61 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _shared_token() -> str:
+    """A random token drawn by rank 0 and broadcast to every rank (a short collective: every rank calls it at
+    the same point of the run)."""
+    box = [uuid.uuid4().hex if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f'.{os.getpid()}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _wait_for_marker(done: Path, failed: Path, poll_s: float, limit: timedelta) -> None:
+    deadline, pause = time.monotonic() + limit.total_seconds(), 0.05
+    while not done.exists():
+        if failed.exists():
+            raise UserError(f"rank 0 failed while building the caches: {failed.read_text().strip()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank()}: rank 0 wrote no {done} within {limit}; is it still running?")
+        time.sleep(pause)
+        pause = min(2 * pause, poll_s)     # quick when the caches exist already, then every poll_s
+
+
 @contextlib.contextmanager
-def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (building caches under their file locks); the others wait, then run it
-    (finding the caches)."""
-    if not is_main():
-        barrier()
-    yield
+def main_first(marker_dir: str | Path, poll_s: float | None = None) -> Iterator[None]:
+    """Rank 0 runs the block first (building caches under their file locks), the others run it afterwards
+    (finding the caches).
+
+    The others do not wait in a collective (which would time out after ``TIMEOUT``): rank 0 writes a
+    done-marker (or a failed-marker with its error) under ``marker_dir/.main_first/`` when its block ends, and
+    they poll for it every ``poll_s`` seconds (default ``MAIN_FIRST_POLL_S``). ``marker_dir`` must be on a file
+    system every rank sees (the run's save folder is). Single process: just runs the block.
+    """
+    if not is_distributed():
+        yield
+        return
+    folder = Path(marker_dir) / '.main_first'
+    token = _shared_token()
+    done, failed = folder / f'{token}.done', folder / f'{token}.failed'
     if is_main():
-        barrier()
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            yield
+        except BaseException as err:
+            _write_atomically(failed, f'{type(err).__name__}: {err}')
+            raise
+        _write_atomically(done, 'done\n')
+    else:
+        _wait_for_marker(done, failed, MAIN_FIRST_POLL_S if poll_s is None else poll_s, MAIN_FIRST_LIMIT)
+        yield
+    barrier()   # every rank has run its block (the others only load files): the marker can go
+    if is_main():
+        done.unlink(missing_ok=True)
 
 
 def per_process_batch(batch_size: int) -> int:
@@ -152,14 +212,18 @@ def _reloaded(loader: DataLoader, sampler: Sampler, batch_size: int, drop_last: 
 
 def shard(data: Any, seed: int) -> Any:
     """The DataBundle with its training loader sharded (DistributedSampler, global batch split) and its
-    evaluation loaders sharded without padding; unchanged in a single process."""
+    evaluation loaders sharded without padding; unchanged in a single process. A training loader that tags its
+    indices with the epoch's seed (dataset/sampling.py ``EpochKeyedSampler``, persistent workers) keeps doing so."""
     if not is_distributed():
         return data
+    from dataset.sampling import EpochKeyedSampler
     n, r = world_size(), rank()
     train = data.train_loader
-    data.train_loader = _reloaded(train, DistributedSampler(train.dataset, num_replicas=n, rank=r, shuffle=True,
-                                                            seed=seed, drop_last=train.drop_last),
-                                  per_process_batch(train.batch_size), train.drop_last)
+    sampler: Sampler = DistributedSampler(train.dataset, num_replicas=n, rank=r, shuffle=True, seed=seed,
+                                          drop_last=train.drop_last)
+    if isinstance(train.sampler, EpochKeyedSampler):
+        sampler = EpochKeyedSampler(sampler)
+    data.train_loader = _reloaded(train, sampler, per_process_batch(train.batch_size), train.drop_last)
     for name in ('val_loader', 'test_loader'):
         loader = getattr(data, name, None)
         if loader is not None:
@@ -168,14 +232,66 @@ def shard(data: Any, seed: int) -> Any:
     return data
 
 
+def trainable_children(distiller: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The distiller's direct submodules except the frozen teacher (student, KD layers, method modules)."""
+    for name, child in distiller.named_children():
+        if name != 'teacher':
+            yield name, child
+
+
+def convert_sync_batchnorm(distiller: nn.Module) -> int:
+    """Replace every BatchNorm layer of the distiller's trainable part (``trainable_children``: the student,
+    letKD's KD layers, method modules) by a SyncBatchNorm with the same parameters and buffers (the same
+    tensors, so an optimizer built before still holds them); the teacher is left as it is. A layer reachable
+    from several parents becomes one SyncBatchNorm. The state_dict keys do not change, so checkpoints load
+    into the plain model. Returns the number of layers converted."""
+    converted: dict[int, nn.Module] = {}
+
+    def convert(module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+            if id(module) not in converted:
+                converted[id(module)] = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            return converted[id(module)]
+        for name, child in list(module.named_children()):
+            new = convert(child)
+            if new is not child:
+                setattr(module, name, new)
+        return module
+
+    for name, child in list(trainable_children(distiller)):
+        new = convert(child)
+        if new is not child:
+            setattr(distiller, name, new)
+    return len(converted)
+
+
 def wrap(distiller: nn.Module, device: torch.device) -> None:
-    """Run ``distiller.forward_train`` inside DistributedDataParallel from now on (no-op in one process)."""
+    """Run ``distiller.forward_train`` inside DistributedDataParallel from now on (no-op in one process).
+
+    ``find_unused_parameters``: the Distiller's class attribute of that name (default False). ``static_graph``:
+    on unless the method has unused parameters or the step is compiled (``--compile``). ``--sync_bn``
+    (``distiller.opt.sync_bn``) first converts the trainable BatchNorm layers to SyncBatchNorm on CUDA; on the
+    CPU and in one process it prints a note and changes nothing.
+    """
+    opt = getattr(distiller, 'opt', None)
+    if getattr(opt, 'sync_bn', False):
+        if not is_distributed():
+            print('note: --sync_bn has no effect in a single process (BatchNorm already sees the whole batch)')
+        elif device.type != 'cuda':
+            print('note: --sync_bn needs CUDA (PyTorch\'s SyncBatchNorm trains on GPUs only); BatchNorm stays per '
+                  'process on the CPU')
+        else:
+            count = convert_sync_batchnorm(distiller)
+            print(f'==> --sync_bn: {count} BatchNorm layers synchronised over {world_size()} processes')
     if not is_distributed():
         return
     step = _TrainStep(distiller)
     ids = [device.index] if device.type == 'cuda' else None
+    unused = bool(getattr(distiller, 'find_unused_parameters', False))
+    compiled = getattr(opt, 'compile', 'none') not in (None, 'none')
     _WRAPPED[distiller] = nn.parallel.DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False,
-                                                              find_unused_parameters=True)
+                                                              find_unused_parameters=unused,
+                                                              static_graph=not unused and not compiled)
 
 
 class _TrainStep(nn.Module):
@@ -220,6 +336,33 @@ def sync_batchnorm_stats(module: nn.Module) -> None:
             for buffer in (m.running_mean, m.running_var):
                 dist.all_reduce(buffer)
                 buffer.div_(world_size())
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers of ``module`` (in place); no-op in one process."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over ranks in place (one all_reduce of their concatenation), as DDP
+    would; a parameter without a gradient (on every rank: the ranks run the same graph) keeps none. No-op in
+    one process."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size())
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                    help='allow checkpoints that need arbitrary pickled objects (only for files you trust)')
     g.add_argument('--name_sep', type=str, default='~' if os.name == 'nt' else ':', choices=(':', '~'),
                    help="separator in student folder names (RepDistiller's ':'; '~' is Windows-safe)")
+    g.add_argument('--sync_bn', action='store_true',
+                   help='under torchrun on GPUs: SyncBatchNorm in the student and the method modules (BN statistics '
+                        'over the global batch, at a collective per BN layer and step); the teacher is unchanged; '
+                        'no effect in one process or on the CPU')
 
 
     g = parser.add_argument_group('fast path (changes speed, not the method; README "Speed")')

@@ -9,20 +9,28 @@
 
 A line '# barrier' separates stages that depend on each other (teachers before their students);
 scripts/launch.py finishes a stage before starting the next.
+
+Every sweep with letKD/QUEST runs builds their quantizers first, in stages of their own: one
+``python helper/letkd_offline.py ...`` per teacher, student map size and quantizer settings (the runs of all
+trials, and letKD-1/letKD-2/QUEST of one pair, share the files), at most one per teacher in a stage (builds
+of one teacher share a lock), then '# barrier' and the runs. So no training run waits for a build on rank 0
+while its other GPUs idle, and no two GPUs build the same files. (A run with --crop_size gets no offline
+command: helper/letkd_offline.py has no such flag; such smoke runs build their own small files.)
 """
 from __future__ import annotations
 
 import argparse
 import shlex
 import sys
-
+from functools import lru_cache
 
 from models import feature_channels
 from scripts.launch import BARRIER
+from scripts.runs import quantized_distiller
 from scripts.settings import (CIFAR_STUDENTS, CIFAR_TEACHERS, EXTRA_METHODS, IMAGENET_BASELINE_PROTOCOL,
                               IMAGENET_DKD_BETA, IMAGENET_LOADER, IMAGENET_METHODS, IMAGENET_PAIRS, METHODS,
                               TABLE1_METHODS, TABLE1_PAIRS, TABLE3_METHODS, TABLE3_PAIRS, TRIALS_CIFAR,
-                              TRIALS_IMAGENET, TRIALS_TINYIMAGENET, imagenet_protocol,
+                              TRIALS_IMAGENET, TRIALS_TINYIMAGENET, imagenet_execution, imagenet_protocol,
                               pair_flags)
 
 
@@ -82,8 +90,76 @@ def imagenet_lines(labels: list[str], trials: int, save_dir: str, common: list[s
                 lines.append(shlex.join([
                     'python', 'train_student.py', '--path_t', f'torchvision:{teacher}', '--distill', method.distill,
                     '--model_s', student, '--dataset', 'imagenet', '--trial', str(trial), '--save_dir', save_dir,
-                    *method.flags, *beta, *imagenet_protocol(method.distill), *IMAGENET_LOADER, *common]))
+                    *method.flags, *beta, *imagenet_protocol(method.distill), *imagenet_execution(method.distill),
+                    *IMAGENET_LOADER, *common]))
     return lines
+
+
+@lru_cache(maxsize=None)
+def _map_sizes(model: str, dataset: str, roles: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    """The (H, W) of ``model``'s KD-layer maps for ``roles`` at the data set's image size."""
+    from dataset import _MODULES
+    from helper.letkd_offline import kd_sites
+    from models import create_model, site_shapes
+    net = create_model(model, num_classes=10, dataset=dataset)
+    shapes = site_shapes(net, kd_sites(model, roles, dataset), _MODULES[dataset].IMAGE_SIZE)
+    return tuple(tuple(shapes[role][1:]) for role in roles)
+
+
+def offline_stages(lines: list[str]) -> list[list[str]]:
+    """The offline commands (helper/letkd_offline.py) that build the quantizers of the letKD/QUEST runs among
+    ``lines``, grouped into stages with at most one command per teacher each.
+
+    One command per (teacher, data, quantizer settings) and student whose KD-layer map sizes no earlier command
+    covers, with the union of the layers its runs need (letKD-2: inter and penult; letKD-1, QUEST: penult).
+    """
+    import train_student
+    from distiller_zoo.registry import DISTILLERS, canonical_name
+    groups: dict[tuple, dict] = {}
+    parser = train_student.get_args_parser()
+    for line in lines:
+        argv = shlex.split(line)
+        if len(argv) < 2 or not argv[1].endswith('train_student.py') or ' --distill ' not in f' {line} ':
+            continue
+        opt = parser.parse_args(argv[2:])
+        if not quantized_distiller(opt.distill) or opt.crop_size is not None:
+            continue
+        base = (opt.path_t, opt.model_t, opt.dataset, opt.data_folder, opt.save_dir, opt.k_penult, opt.k_inter,
+                opt.lda_dim, opt.quantizer_seed, opt.max_positions, opt.download, opt.trust_checkpoint, opt.device)
+        group = groups.setdefault((base, opt.model_s), {'roles': set(), 'opt': opt})
+        group['roles'] |= set(DISTILLERS[canonical_name(opt.distill)].roles)
+    covered: set[tuple] = set()
+    per_teacher: dict[tuple, int] = {}
+    stages: list[list[str]] = []
+    for (base, model_s), group in groups.items():
+        opt, roles = group['opt'], tuple(r for r in ('inter', 'penult') if r in group['roles'])
+        needs = {role: (base, role, size) for role, size in zip(roles, _map_sizes(model_s, opt.dataset, roles))}
+        missing = [role for role in roles if needs[role] not in covered]
+        if not missing:
+            continue
+        covered |= {needs[role] for role in missing}
+        argv = ['python', 'helper/letkd_offline.py', '--path_t', opt.path_t,
+                *(['--model_t', opt.model_t] if opt.model_t else []), '--model_s', model_s, '--dataset', opt.dataset,
+                '--data_folder', opt.data_folder, '--save_dir', opt.save_dir, '--layers', *missing,
+                '--k_penult', str(opt.k_penult), '--k_inter', str(opt.k_inter), '--lda_dim', str(opt.lda_dim),
+                '--quantizer_seed', str(opt.quantizer_seed), '--max_positions', str(opt.max_positions),
+                '--batch_size', str(opt.batch_size), '--num_workers', str(opt.num_workers),
+                *([] if opt.download else ['--no_download']), *(['--trust_checkpoint'] if opt.trust_checkpoint else []),
+                *(['--device', opt.device] if opt.device != 'auto' else [])]
+        teacher = (opt.save_dir, opt.path_t)
+        at = per_teacher[teacher] = per_teacher.get(teacher, -1) + 1
+        if at == len(stages):
+            stages.append([])
+        stages[at].append(shlex.join(argv))
+    return stages
+
+
+def with_offline_stages(lines: list[str]) -> list[str]:
+    """``lines`` preceded by the offline stages their letKD/QUEST runs need, each ended by '# barrier'."""
+    out: list[str] = []
+    for stage in offline_stages(lines):
+        out += [*stage, BARRIER]
+    return out + lines
 
 
 def parse_pairs(items: list[str] | None, default: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -120,11 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.sweep == 'distill':
         trials = args.trials or TRIALS_CIFAR
         labels = args.methods or TABLE1_METHODS + EXTRA_METHODS
-        lines = distill_lines(labels, parse_pairs(args.pairs, TABLE1_PAIRS), 'cifar100', trials, args.save_dir,
-                              common)
+        lines = with_offline_stages(distill_lines(labels, parse_pairs(args.pairs, TABLE1_PAIRS), 'cifar100', trials,
+                                                  args.save_dir, common))
     elif args.sweep == 'imagenet':
-        lines = imagenet_lines(args.methods or list(IMAGENET_METHODS), args.trials or TRIALS_IMAGENET, args.save_dir,
-                               common)
+        lines = with_offline_stages(imagenet_lines(args.methods or list(IMAGENET_METHODS),
+                                                   args.trials or TRIALS_IMAGENET, args.save_dir, common))
     else:
         trials = args.trials or TRIALS_TINYIMAGENET
         pairs = parse_pairs(args.pairs, TABLE3_PAIRS)
@@ -134,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         students = sorted({s for _, s in pairs})
         lines = vanilla_lines(teachers, 'tinyimagenet', 1, args.save_dir, common)
         lines += [BARRIER]
-        lines += vanilla_lines(students, 'tinyimagenet', trials, args.save_dir, common)
-        lines += distill_lines(args.methods or TABLE3_METHODS, pairs, 'tinyimagenet', trials, args.save_dir, common)
+        lines += with_offline_stages(
+            vanilla_lines(students, 'tinyimagenet', trials, args.save_dir, common)
+            + distill_lines(args.methods or TABLE3_METHODS, pairs, 'tinyimagenet', trials, args.save_dir, common))
     print('\n'.join(lines))
     return 0
 

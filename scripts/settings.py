@@ -39,7 +39,8 @@ METHODS: dict[str, Method] = {
                     needs_equal_channels=True),
     'CRD': Method('crd', ('-r', '1', '-a', '0', '-b', '0.8'), 'RepDistiller'),
     'CRD+KD': Method('crd', ('-r', '1', '-a', '1', '-b', '0.8'), 'RepDistiller'),
-    'DKD': Method('dkd', ('-r', '1', '-a', '0'), 'mdistiller configs/cifar100/dkd (beta per pair below)'),
+    'DKD': Method('dkd', ('-r', '1', '-a', '0', '--dkd_alpha', '1', '--dkd_T', '4', '--dkd_warmup', '20'),
+                  'mdistiller configs/cifar100/dkd: CE 1, alpha 1, T 4, WARMUP 20 (beta per pair below)'),
     'SimKD': Method('simkd', ('-r', '0', '-a', '0', '-b', '1', '--simkd_factor', '2'), 'SimKD scripts (-c 0 -d 0 -b 1, f=2)'),
     'TDD': Method('tdd', ('-r', '0.1', '-a', '0.9', '-b', '0.1'), 'TDD (KamalEngine, the lab\'s reference code)'),
     # No code exists; the published TDD+CRD numbers sit within 0.3 of CRD+KD: CRD+KD's weights plus 0.1 TDD.
@@ -131,8 +132,11 @@ IMAGENET_METHODS: dict[str, Method] = {
     'KD': Method('kd', ('-r', '0.5', '-a', '0.5', '-b', '0', '--kd_T', '1'), 'mdistiller imagenet kd.yaml: T 1, CE 0.5, KD 0.5'),
     # mdistiller's AT on ImageNet has no KD term: CE 1, AT weight 1000, p 2
     'AT+KD': Method('attention', ('-r', '1', '-a', '0', '-b', '1000'), 'mdistiller imagenet at.yaml (CE 1, AT 1000)'),
-    'DKD': Method('dkd', ('-r', '1', '-a', '0', '--dkd_alpha', '1', '--dkd_T', '1'),
-                  'mdistiller imagenet dkd.yaml: alpha 1, T 1, beta 0.5 (a) / 2.0 (b)'),
+    # WARMUP 1 with 1-based epochs: factor min(epoch / 1, 1) = 1 from the first epoch (no ramp); the CLI's default
+    # (20, mdistiller's CIFAR value) would ramp DKD up over the first 20 of the 100 epochs
+    'DKD': Method('dkd', ('-r', '1', '-a', '0', '--dkd_alpha', '1', '--dkd_T', '1', '--dkd_warmup', '1'),
+                  'mdistiller configs/imagenet/r34_r18/dkd.yaml, r50_mv1/dkd.yaml: CE 1, alpha 1, T 1, WARMUP 1, '
+                  'beta 0.5 (a) / 2.0 (b)'),
     'QUEST': Method('quest', ('-r', '1', '-a', '0', '-b', '1', '--quest_tau', '5', '--k_penult', '4096'),
                     'QuEST Config_ImageNet: CE + 1.0 KL, K 4096, beta 5'),
     'letKD-1': Method('letkd1', ('-r', '1', '-a', '0', '-b', '1', '--k_penult', '4096'),
@@ -146,6 +150,17 @@ IMAGENET_DKD_BETA: dict[str, float] = {'a': 0.5, 'b': 2.0}   # mdistiller res34_
 # per GPU; 8 is what typical 8-GPU nodes with 64-96 cores sustain beside the main processes.
 IMAGENET_LOADER: tuple[str, ...] = ('--num_workers', '8')
 TRIALS_IMAGENET = 1        # the paper reports one run per ImageNet cell
+
+
+# letKD / QUEST under torchrun: their authors trained on one GPU, so each BatchNorm saw the whole batch of 256;
+# on 8 GPUs a per-process BN would see 32. --sync_bn computes BN statistics over the global batch (students and
+# KD layers; the teacher stays frozen in eval mode). The baselines' references ran DataParallel (per-replica BN).
+IMAGENET_QUANTIZED_EXECUTION: tuple[str, ...] = ('--sync_bn',)
+
+
+def imagenet_execution(distill: str) -> tuple[str, ...]:
+    """How an ImageNet run executes on several GPUs without changing what the reference computed."""
+    return IMAGENET_QUANTIZED_EXECUTION if distill in ('letkd1', 'letkd2', 'quest') else ()
 
 
 def imagenet_protocol(distill: str) -> tuple[str, ...]:

@@ -7,13 +7,19 @@ Several runs (separated by ``::``) share one launch (process start-up dominates 
 rank-r state goes to OUT_DIR/NAME.rank<r>.pt.
 
 A run's ``--kill_after_epoch E`` (taken out before the CLI sees the flags) ends every rank abruptly right
-after last.pth of epoch E is written; TORCHVISION_FAKE_CLASSES=C replaces torchvision's weights by a random
-model's (nothing downloads).
+after last.pth of epoch E is written; ``--slow_prepare S`` makes rank 0's ``prepare`` take S seconds longer
+(a cache that takes long to build); ``--dump_after_prepare`` saves each rank's state right after ``prepare``
+with the indices the training loader gave it during ``prepare`` (an init stage) to OUT_DIR/NAME.prepare.rank<r>.pt.
+TORCHVISION_FAKE_CLASSES=C replaces torchvision's weights by a random model's (nothing downloads);
+DDP_TEST_TIMEOUT_S=T sets the collectives' timeout (helper/distributed.py TIMEOUT) to T seconds.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -21,10 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import dataset  # noqa: E402
 import helper.distributed  # noqa: E402
 import helper.run  # noqa: E402
 import train_student  # noqa: E402
 import train_teacher  # noqa: E402
+from distiller_zoo.registry import DISTILLERS, canonical_name  # noqa: E402
 
 
 def main() -> int:
@@ -43,18 +51,72 @@ def main() -> int:
         classes = int(os.environ['TORCHVISION_FAKE_CLASSES'])
         teachers.state_dict_loader = lambda name: getattr(torchvision.models, name.lower())(
             weights=None, num_classes=classes).state_dict()
+    if os.environ.get('DDP_TEST_TIMEOUT_S'):
+        helper.distributed.TIMEOUT = timedelta(seconds=float(os.environ['DDP_TEST_TIMEOUT_S']))
     # one process group for all runs of the launch (re-joining after destroy_process_group hangs)
     helper.distributed.cleanup = lambda: None
+    rank = os.environ.get('RANK', '0')
     for which, name, *argv in runs:
-        kill_after = 0
-        if '--kill_after_epoch' in argv:  # ours, not the CLI's
-            at = argv.index('--kill_after_epoch')
-            kill_after, argv = int(argv[at + 1]), argv[:at] + argv[at + 2:]
+        argv, kill_after = _take(argv, '--kill_after_epoch', 0)   # ours, not the CLI's
+        argv, slow = _take(argv, '--slow_prepare', 0)
+        dump_prepare = '--dump_after_prepare' in argv
+        argv = [a for a in argv if a != '--dump_after_prepare']
         module = train_student if which == 'student' else train_teacher
-        code = _run(module, out / f"{name}.rank{os.environ.get('RANK', '0')}.pt", argv, kill_after)
+        method = DISTILLERS[canonical_name(argv[argv.index('--distill') + 1])] if which == 'student' else None
+        original = method.prepare if method is not None else None
+        if method is not None and (slow or dump_prepare):
+            method.prepare = _watched_prepare(original, slow, out / f'{name}.prepare.rank{rank}.pt' if dump_prepare
+                                              else None)
+        try:
+            code = _run(module, out / f"{name}.rank{rank}.pt", argv, kill_after)
+        finally:
+            if method is not None:
+                method.prepare = original
         if code:
             return code
+        # separate launches in real use: the next run may read what rank 0 of this one is still writing
+        helper.distributed.barrier()
     return 0
+
+
+def _take(argv: list[str], flag: str, default: float) -> tuple[list[str], float]:
+    """``argv`` without ``flag VALUE``, and VALUE (``default`` when absent)."""
+    if flag not in argv:
+        return argv, default
+    at = argv.index(flag)
+    return argv[:at] + argv[at + 2:], float(argv[at + 1])
+
+
+class _RecordingLoader:
+    """A training loader that records, per epoch, the indices of the batches it gives out (items' 3rd field)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.epochs = loader, []
+
+    def set_epoch(self, epoch: int, seed: int, stream: int) -> None:
+        dataset.set_epoch(self.loader, epoch, seed, stream)
+        self.epochs.append([])
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.epochs[-1] += batch[2].tolist()
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def _watched_prepare(prepare, slow_s: float, dump: Path | None):
+    """``prepare`` that first sleeps ``slow_s`` seconds on rank 0 and, with ``dump``, saves the state after it."""
+    def watched(self, data, **kwargs):
+        if slow_s and helper.distributed.is_main():
+            time.sleep(slow_s)
+        recording = _RecordingLoader(data.train_loader)
+        prepare(self, dataclasses.replace(data, train_loader=recording) if dump else data, **kwargs)
+        if dump:
+            torch.save({'state': {k: v.detach().cpu().clone() for k, v in self.state_dict_without_teacher().items()},
+                        'indices': recording.epochs}, dump)
+    return watched
 
 
 def _run(module, dump: Path, argv: list[str], kill_after: int) -> int:
@@ -70,8 +132,11 @@ def _run(module, dump: Path, argv: list[str], kill_after: int) -> int:
 
     def fit_and_dump(distiller, data, cfg, device):
         summary = original_fit(distiller, data, cfg, device)
+        ddp = helper.distributed._WRAPPED.get(distiller)
         torch.save({'state': {k: v.cpu() for k, v in distiller.state_dict_without_teacher().items()},
-                    'summary': summary}, dump)
+                    'summary': summary,
+                    'ddp': {'find_unused_parameters': ddp.find_unused_parameters, 'static_graph': ddp.static_graph}},
+                   dump)
         return summary
 
     module.fit, helper.run.save_checkpoint = fit_and_dump, save_then_maybe_die

@@ -4,6 +4,11 @@
 Two launches (process start-up dominates here): the first runs a teacher, then kd, letkd2 and crd students
 for one epoch, a crd student for two epochs, and the same crd run killed (os._exit on every rank) after
 epoch 1; the second resumes the killed run. tests/ddp_worker.py dumps each rank's state after each run.
+A third launch, with the collectives' timeout cut to 10 s, runs FSP's init stage on both ranks and a run whose
+rank 0 takes 20 s longer in ``prepare`` (a cache being built) than that timeout.
+
+In-process checks (a world of one gloo process): every registered method gives every trainable parameter a
+gradient in every step (so DDP runs without find_unused_parameters), and --sync_bn's conversion.
 """
 from __future__ import annotations
 
@@ -11,11 +16,14 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from helper import distributed
 from helper.distributed import ShardWithoutPadding
 from tests.fixtures_data import write_imagenet_folders
 
@@ -26,12 +34,12 @@ COMMON = ['--dataset', 'imagenet', '--crop_size', '32', '--batch_size', '4', '--
 STUDENT = ['--model_s', 'resnet8', '--model_t', 'resnet8']
 
 
-def torchrun(out: Path, *runs: list[str], port: int) -> subprocess.CompletedProcess:
+def torchrun(out: Path, *runs: list[str], port: int, **env_extra: str) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT run :: run ...``."""
     args: list[str] = []
     for run in runs:
         args += (['::'] if args else []) + run
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT), **env_extra}
     return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
                            '--master_port', str(port), str(ROOT / 'tests' / 'ddp_worker.py'), str(out), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -62,11 +70,32 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert not (out / 'crd-cut.rank0.pt').exists()
     second = torchrun(out, student('crd', 'cut', 2, '--nce_k', '4', '--resume'), port=29562)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    folders = {'teacher': teacher_dir}
+    return {'out': out, 'base': base, 'path_t': path_t, 'root': root, **student_folders(save), 'teacher': teacher_dir}
+
+
+def student_folders(save: Path) -> dict[str, Path]:
+    folders = {}
     for folder in (save / 'student_model').iterdir():
-        distill, trial = folder.name.split('_')[3], folder.name.rsplit('_', 1)[1]
-        folders[f'{distill}-{trial}'] = folder
-    return {'out': out, **folders}
+        if folder.is_dir():
+            distill, trial = folder.name.split('_')[3], folder.name.rsplit('_', 1)[1]
+            folders[f'{distill}-{trial}'] = folder
+    return folders
+
+
+@pytest.fixture(scope='module')
+def collective(runs: dict[str, Path]) -> dict[str, Path]:
+    """The third launch (collectives time out after 10 s): FSP's init stage (2 epochs) on both ranks, and a kd
+    run whose rank 0 spends 20 s more in ``prepare`` than rank 1."""
+    out = runs['root'] / 'out_collective'
+    out.mkdir()
+
+    def student(distill: str, trial: str, *extra: str) -> list[str]:
+        return ['student', f'{distill}-{trial}', *runs['base'], *STUDENT, '--path_t', runs['path_t'],
+                '--distill', distill, '--trial', trial, '--seed', '5', '--epochs', '1', *extra]
+
+    done = torchrun(out, student('fsp', 'init', '--init_epochs', '2', '--dump_after_prepare'),
+                    student('kd', 'slow', '--slow_prepare', '20'), port=29563, DDP_TEST_TIMEOUT_S='10')
+    return {'out': out, 'launch': done, **student_folders(runs['root'] / 'save')}
 
 
 def dumps(runs: dict[str, Path], name: str) -> tuple[dict, dict]:
@@ -120,3 +149,149 @@ def test_eval_shards_partition_the_test_set() -> None:
     assert sorted(ours) == data
     padded = [i for r in range(2) for i in DistributedSampler(data, num_replicas=2, rank=r, shuffle=False)]
     assert len(padded) == N_TEST + 1
+
+
+def test_init_stage_runs_on_every_rank_together_each_on_its_shard(collective: dict[str, Path]) -> None:
+    """AB/FT/FSP's init stage under torchrun: both ranks train at once on their own shards with averaged
+    gradients (not rank 0 on its shard and then rank 1 on its own), so the init modules end identical."""
+    rank0, rank1 = (torch.load(collective['out'] / f'fsp-init.prepare.rank{r}.pt', weights_only=False)
+                    for r in (0, 1))
+    assert rank0['state'].keys() == rank1['state'].keys()
+    for key, value in rank0['state'].items():
+        assert torch.equal(value, rank1['state'][key]), f'{key} differs between ranks after the init stage'
+    assert len(rank0['indices']) == len(rank1['indices']) == 2                   # --init_epochs 2
+    for seen0, seen1 in zip(rank0['indices'], rank1['indices']):
+        assert len(seen0) == len(seen1) == 5                 # 9 images over 2 ranks: 5 each (one repeat), not 9
+        assert set(seen0) | set(seen1) == set(range(9))     # together: the whole split once per epoch
+    assert json.loads((collective['fsp-init'] / 'summary.json').read_text())['epochs'] == 1
+
+
+def test_other_ranks_wait_for_rank0s_caches_without_a_collective(collective: dict[str, Path]) -> None:
+    """Rank 0 took 20 s longer in prepare than the 10 s collective timeout; rank 1 polled for its done-marker
+    instead of sitting in a barrier, and the run finished."""
+    launch = collective['launch']
+    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    summary = json.loads((collective['kd-slow'] / 'summary.json').read_text())
+    assert summary['epochs'] == 1
+    assert not list((collective['kd-slow'].parents[1] / 'cache' / '.main_first').glob('*.done'))   # cleaned up
+
+
+def test_collective_timeout_is_tens_of_minutes() -> None:
+    assert timedelta(minutes=10) <= distributed.TIMEOUT <= timedelta(hours=1)
+
+
+@pytest.mark.parametrize('name', ['kd-one', 'letkd2-one', 'crd-one'])
+def test_ddp_without_unused_parameter_search_and_with_a_static_graph(runs: dict[str, Path], name: str) -> None:
+    rank0, _ = dumps(runs, name)
+    assert rank0['ddp'] == {'find_unused_parameters': False, 'static_graph': True}
+
+
+@pytest.fixture(scope='module')
+def one_process_group(tmp_path_factory: pytest.TempPathFactory):
+    """A gloo process group of one process (DDP builds its reducer and checks unused parameters as with more)."""
+    store = dist.FileStore(str(tmp_path_factory.mktemp('store') / 'store'), 1)
+    dist.init_process_group('gloo', store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def cifar_small(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from tests.fixtures_data import write_cifar100
+    root = tmp_path_factory.mktemp('cifar_ddp')
+    write_cifar100(root, n_train_per_class=3, n_test_per_class=1, num_classes=10)
+    return str(root)
+
+
+def _every_method():
+    from distiller_zoo.registry import DISTILLERS
+    return list(DISTILLERS)
+
+
+@pytest.mark.parametrize('distill', _every_method())
+def test_every_method_gives_every_parameter_a_gradient_in_every_step(distill, one_process_group, cifar_small,
+                                                                     tmp_path) -> None:
+    """Two DDP steps with find_unused_parameters=False (DDP raises in the second step when a parameter got no
+    gradient in the first); a method that fails here needs ``find_unused_parameters = True`` on its class."""
+    from dataset import get_dataloaders, set_epoch
+    from distiller_zoo.registry import DISTILLERS
+    from helper.distributed import _TrainStep
+    from models import create_model
+    from tests.options import student_options
+    torch.set_num_threads(1)
+    method = DISTILLERS[distill]
+    data = get_dataloaders('cifar100', cifar_small, 10, 0, mode=method.data_mode, nce_k=8, download=False)
+    teacher_file = tmp_path / 'teacher' / 'ckpt.pth'
+    teacher_file.parent.mkdir()
+    opt = student_options(distill, model_s='resnet8', model_t='resnet8', dataset='cifar100', nce_k=8, init_epochs=1,
+                          k_penult=8, k_inter=2, path_t=str(teacher_file))
+    torch.manual_seed(0)
+    distiller = method(create_model('resnet8', num_classes=10), create_model('resnet8', num_classes=10), opt,
+                       data.info)
+    if distiller.teacher is not None:
+        torch.save({'model': distiller.teacher.state_dict()}, teacher_file)
+    distiller.prepare(data, device=torch.device('cpu'), cache_dir=str(tmp_path / 'cache'), resumed=False)
+    assert method.find_unused_parameters is False
+    ddp = torch.nn.parallel.DistributedDataParallel(_TrainStep(distiller), broadcast_buffers=False,
+                                                    find_unused_parameters=False)
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01)
+    distiller.train()
+    set_epoch(data, 1, 0)
+    for step, batch in zip(range(3), data.train_loader):
+        image, target, *rest = batch
+        extras = {'epoch': 1}
+        if method.data_mode in ('instance', 'crd'):
+            extras['index'] = rest[0]
+        if method.data_mode == 'crd':
+            extras['contrast_idx'] = rest[1]
+        _, losses = ddp(image, target, **extras)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        missing = [n for n, p in distiller.named_parameters()
+                   if p.requires_grad and not n.startswith('teacher.') and p.grad is None]
+        assert not missing, f'{distill}: no gradient in step {step + 1} for {missing[:5]}'
+        optimizer.step()
+
+
+def test_sync_bn_converts_the_trainable_modules_and_checkpoints_load_into_the_plain_model(tmp_path, capsys) -> None:
+    """--sync_bn: the student's and the KD layers' BatchNorm become SyncBatchNorm (the same tensors), the teacher's
+    stay; the keys do not change, so last.pth's distiller state and the deployable checkpoint load strictly
+    into plain models. In one process ``wrap`` only prints a note."""
+    import torch.nn as nn
+
+    from dataset import DataInfo
+    from distiller_zoo.deploy import load_deployed
+    from distiller_zoo.letkd import LetKD2
+    from helper.util import save_checkpoint
+    from models import create_model
+    from tests.fixtures_data import load_random_quantizers
+    from tests.options import student_options
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        opt = student_options('letkd2', model_s='resnet8', model_t='resnet8', dataset='cifar100', k_penult=8,
+                              k_inter=2, sync_bn=True)
+        distiller = LetKD2(create_model('resnet8', num_classes=10), create_model('resnet8', num_classes=10), opt,
+                           DataInfo(num_classes=10, n_data=20, image_size=32))
+        load_random_quantizers(distiller)
+        return distiller
+
+    distiller, plain = build(), build()
+    keys = list(distiller.state_dict())
+    params = [id(p) for p in distiller.parameters()]
+    distributed.wrap(distiller, torch.device('cpu'))            # one process: a note, nothing converted
+    assert 'no effect in a single process' in capsys.readouterr().out
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in distiller.modules())
+    count = distributed.convert_sync_batchnorm(distiller)
+    assert count > 0 and list(distiller.state_dict()) == keys and [id(p) for p in distiller.parameters()] == params
+    bns = {name: type(m) for name, m in distiller.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert all(t is nn.SyncBatchNorm for name, t in bns.items() if not name.startswith('teacher.')), bns
+    assert all(t is nn.BatchNorm2d for name, t in bns.items() if name.startswith('teacher.')), bns
+    assert any(name.startswith('student.kd_layers.') for name in bns)       # letKD's KD layers are converted too
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+                   for m in distiller.deployable().modules())
+    save_checkpoint({'model': distiller.deployable().state_dict(), 'deploy': distiller.deploy_spec()},
+                    tmp_path / 'ckpt.pth')
+    loaded = load_deployed(tmp_path / 'ckpt.pth')                          # strict
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in loaded.modules())
+    plain.load_state_dict_without_teacher(distiller.state_dict_without_teacher())   # what --resume loads

@@ -37,21 +37,28 @@ def dry_run_lines(script, *flags):
 #   resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, ResNet50->MobileNetV2; 5 each) = 210 per trial, x 5 = 1,050.
 # - run_tinyimagenet.sh: 3 teachers (1 trial) + 5 students from scratch x 3 + (14 Table-3 methods x 5 pairs + FSP on
 #   its 2 equal-channel pairs) x 3 = 3 + 15 + 216 = 234 (the '# barrier' line is not a command).
-@pytest.mark.parametrize('script, flags, expected, dataset', [
-    ('run_cifar_vanilla.sh', [], 6 + 9, 'cifar100'),
-    ('run_cifar_distill.sh', [], (22 * 10 - 2 * 5) * 5, 'cifar100'),
-    ('run_tinyimagenet.sh', [], 3 + 5 * 3 + (14 * 5 + 2) * 3, 'tinyimagenet'),
+# Offline stages (helper/letkd_offline.py, one command per teacher and student map size, before the runs):
+# - CIFAR-100: 10 pairs, minus resnet110->resnet32 (resnet110->resnet20's maps), wrn_40_2->wrn_40_1 (wrn_16_2's) and
+#   resnet32x4->ShuffleV2 (ShuffleV1's) = 7; Tiny-ImageNet: 5 pairs minus wrn_40_2->wrn_40_1 = 4; ImageNet: 2.
+@pytest.mark.parametrize('script, flags, expected, offline, dataset', [
+    ('run_cifar_vanilla.sh', [], 6 + 9, 0, 'cifar100'),
+    ('run_cifar_distill.sh', [], (22 * 10 - 2 * 5) * 5, 7, 'cifar100'),
+    ('run_tinyimagenet.sh', [], 3 + 5 * 3 + (14 * 5 + 2) * 3, 4, 'tinyimagenet'),
     # Table 2: 2 students from scratch + 6 methods x 2 pairs, 1 trial (teachers are torchvision's weights)
-    ('run_imagenet.sh', [], 2 + 6 * 2, 'imagenet'),
+    ('run_imagenet.sh', [], 2 + 6 * 2, 2, 'imagenet'),
 ])
-def test_every_dry_run_line_parses_with_the_cli_parsers(script, flags, expected, dataset):
+def test_every_dry_run_line_parses_with_the_cli_parsers(script, flags, expected, offline, dataset):
+    from helper import letkd_offline
     lines = dry_run_lines(script, *flags)
-    assert len(lines) == expected, f'{script}: {len(lines)} command lines, expected {expected}'
-    counts = {'train_teacher.py': 0, 'train_student.py': 0}
+    assert len(lines) == expected + offline, f'{script}: {len(lines)} command lines, expected {expected + offline}'
+    counts = {'train_teacher.py': 0, 'train_student.py': 0, 'helper/letkd_offline.py': 0}
     for line in lines:
         argv = shlex.split(line)
         assert argv[0] == 'python'
         counts[argv[1]] += 1
+        if argv[1] == 'helper/letkd_offline.py':
+            assert letkd_offline.get_args_parser().parse_args(argv[2:]).dataset == dataset, line
+            continue
         cli = train_student if argv[1] == 'train_student.py' else train_teacher
         opt = cli.get_args_parser().parse_args(argv[2:])      # argparse exits on an unknown flag
         assert opt.dataset == dataset, line
@@ -63,7 +70,8 @@ def test_every_dry_run_line_parses_with_the_cli_parsers(script, flags, expected,
     assert counts == {'run_cifar_vanilla.sh': {'train_teacher.py': 15, 'train_student.py': 0},
                       'run_cifar_distill.sh': {'train_teacher.py': 0, 'train_student.py': 1050},
                       'run_tinyimagenet.sh': {'train_teacher.py': 18, 'train_student.py': 216},
-                      'run_imagenet.sh': {'train_teacher.py': 2, 'train_student.py': 12}}[script]
+                      'run_imagenet.sh': {'train_teacher.py': 2, 'train_student.py': 12}}[script] \
+        | {'helper/letkd_offline.py': offline}
 
 
 def test_imagenet_sweep_uses_each_methods_protocol_and_pair_settings():
@@ -72,6 +80,8 @@ def test_imagenet_sweep_uses_each_methods_protocol_and_pair_settings():
     runs = {}
     for line in dry_run_lines('run_imagenet.sh'):
         argv = shlex.split(line)
+        if argv[1] == 'helper/letkd_offline.py':
+            continue
         if argv[1] != 'train_student.py':
             opt = train_teacher.get_args_parser().parse_args(argv[2:])
             assert (opt.batch_size, opt.learning_rate, opt.nesterov) == (512, 0.2, False), line
@@ -92,8 +102,96 @@ def test_imagenet_sweep_uses_each_methods_protocol_and_pair_settings():
     assert (letkd2.k_penult, letkd2.k_inter) == (4096, 8)
 
 
+# Every per-dataset published value the sweeps rely on, as resolved by train_student.py (explicit flags and the
+# methods' defaults together), with its source (docs/reference/*.md; README "ImageNet and several GPUs").
+IMAGENET_PUBLISHED = {
+    # mdistiller configs/imagenet/r34_r18/kd.yaml (and r50_mv1): CE 0.5, KD 0.5, T 1
+    'kd': {'gamma': 0.5, 'alpha': 0.5, 'beta': 0.0, 'kd_T': 1.0},
+    # mdistiller imagenet at.yaml: CE 1, AT 1000 (p 2), no KD term
+    'attention': {'gamma': 1.0, 'alpha': 0.0, 'beta': 1000.0},
+    # mdistiller imagenet dkd.yaml: CE 1, alpha 1, T 1, WARMUP 1 (no ramp with 1-based epochs); beta per pair
+    'dkd': {'gamma': 1.0, 'alpha': 0.0, 'dkd_alpha': 1.0, 'dkd_T': 1.0, 'dkd_warmup': 1},
+    # QuEST Config_ImageNet: CE + 1.0 KL, K 4096, beta (tau) 5
+    'quest': {'gamma': 1.0, 'alpha': 0.0, 'beta': 1.0, 'quest_tau': 5.0, 'k_penult': 4096},
+    # letKD supplementary: K_penult 4096, K_inter 8, alpha (1, 1), LDA 60 components
+    'letkd1': {'gamma': 1.0, 'alpha': 0.0, 'beta': 1.0, 'k_penult': 4096, 'alpha_penult': 1.0},
+    'letkd2': {'gamma': 1.0, 'alpha': 0.0, 'beta': 1.0, 'k_penult': 4096, 'k_inter': 8, 'lda_dim': 60,
+               'alpha_penult': 1.0, 'alpha_inter': 1.0},
+}
+# letKD supplementary / QuEST Config_ImageNet (100 epochs, lr 0.1 /10 at 30/60/90, batch 256, wd 1e-4, Nesterov);
+# mdistiller configs/imagenet (batch 512 global, lr 0.2, wd 1e-4, momentum 0.9 without Nesterov)
+QUANTIZED_PROTOCOL = {'epochs': 100, 'batch_size': 256, 'learning_rate': 0.1, 'lr_decay_epochs': [30, 60, 90],
+                      'lr_decay_rate': 0.1, 'weight_decay': 1e-4, 'momentum': 0.9, 'nesterov': True, 'sync_bn': True}
+BASELINE_PROTOCOL = {**QUANTIZED_PROTOCOL, 'batch_size': 512, 'learning_rate': 0.2, 'nesterov': False,
+                     'sync_bn': False}
+
+
+def test_imagenet_sweep_resolves_every_published_setting():
+    """What each Table-2 run resolves to (flags and the methods' defaults), against the reference configs."""
+    seen = set()
+    for line in dry_run_lines('run_imagenet.sh'):
+        argv = shlex.split(line)
+        if argv[1] != 'train_student.py':
+            continue
+        opt = train_student.resolve_options(train_student.get_args_parser().parse_args(argv[2:]))
+        seen.add(opt.distill)
+        expected = {**IMAGENET_PUBLISHED[opt.distill],
+                    **(QUANTIZED_PROTOCOL if opt.distill in ('quest', 'letkd1', 'letkd2') else BASELINE_PROTOCOL)}
+        if opt.distill == 'dkd':
+            expected['dkd_beta'] = {'ResNet18': 0.5, 'MobileNetV1': 2.0}[opt.model_s]
+        assert {k: getattr(opt, k) for k in expected} == expected, line
+    assert seen == set(IMAGENET_PUBLISHED)
+
+
+def test_cifar_dkd_and_kd_settings_resolve_as_mdistiller_and_repdistiller():
+    lines = [line for line in dry_run_lines('run_cifar_distill.sh', '--trials', '1') if ' --distill ' in line]
+    for line in lines:
+        opt = train_student.resolve_options(train_student.get_args_parser().parse_args(shlex.split(line)[2:]))
+        if opt.distill == 'dkd':     # mdistiller configs/cifar100/dkd: CE 1, alpha 1, T 4, WARMUP 20
+            assert (opt.gamma, opt.alpha, opt.dkd_alpha, opt.dkd_T, opt.dkd_warmup) == (1, 0, 1, 4, 20), line
+        if opt.distill == 'kd':      # RepDistiller run_cifar_distill.sh: -r 0.1 -a 0.9, T 4
+            assert (opt.gamma, opt.alpha, opt.beta, opt.kd_T) == (0.1, 0.9, 0, 4), line
+        assert not opt.sync_bn
+
+
+def stages_of(text: str) -> list[list[list[str]]]:
+    stages: list[list[list[str]]] = [[]]
+    for line in text.splitlines():
+        if line.strip() == '# barrier':
+            stages.append([])
+        elif line.strip() and not line.startswith('#'):
+            stages[-1].append(shlex.split(line))
+    return stages
+
+
+def test_imagenet_sweep_builds_the_quantizers_in_a_stage_of_their_own():
+    """Stage 1: one helper/letkd_offline.py per teacher (letKD-1, letKD-2 and QUEST of a pair share the files:
+    both layers, their settings); stage 2: the 14 runs."""
+    from helper import letkd_offline
+    offline, runs = stages_of(run_script('run_imagenet.sh', '--dry-run'))
+    assert len(runs) == 14 and all(argv[1] != 'helper/letkd_offline.py' for argv in runs)
+    built = {}
+    for argv in offline:
+        assert argv[1] == 'helper/letkd_offline.py'
+        opt = letkd_offline.get_args_parser().parse_args(argv[2:])
+        assert opt.path_t not in built                                     # one build per teacher
+        built[opt.path_t] = opt
+    for argv in runs:
+        opt = train_student.get_args_parser().parse_args(argv[2:]) if argv[1] == 'train_student.py' else None
+        if opt is None or opt.distill not in ('letkd1', 'letkd2', 'quest'):
+            continue
+        build = built[opt.path_t]
+        assert (build.model_s, build.dataset, build.save_dir, build.data_folder) == \
+            (opt.model_s, opt.dataset, opt.save_dir, opt.data_folder)
+        assert (build.k_penult, build.k_inter, build.lda_dim, build.quantizer_seed, build.max_positions) == \
+            (opt.k_penult, opt.k_inter, opt.lda_dim, opt.quantizer_seed, opt.max_positions)
+        assert set(build.layers) == {'inter', 'penult'}
+    assert set(built) == {'torchvision:ResNet34', 'torchvision:ResNet50'}
+
+
 def test_distill_sweep_covers_every_method_and_pair_with_published_settings():
-    lines = dry_run_lines('run_cifar_distill.sh', '--trials', '2')
+    lines = [line for line in dry_run_lines('run_cifar_distill.sh', '--trials', '2')
+             if line.startswith('python train_student.py')]
     parsed = [train_student.get_args_parser().parse_args(shlex.split(line)[2:]) for line in lines]
     methods = {(o.distill, o.alpha) for o in parsed}
     assert ('crd', 0.0) in methods and ('crd', 1.0) in methods       # CRD and CRD+KD
@@ -320,3 +418,58 @@ def test_bench_kd_layer_reports_parameters_and_time_ratios(capsys, monkeypatch):
     # times: the plain median in ms, then letKD-1, folded letKD-1, letKD-2, folded letKD-2 over plain (medians)
     assert rows[16][5:] == ['20.0', '1.250', '0.800', '1.500', '0.900']
     assert rows[4096][5:] == ['20.0', '1.150', '1.050', '2.300', '1.550']
+
+
+def test_offline_stage_runs_first_and_the_runs_reuse_its_files(tmp_path, cifar):
+    """A sweep with letKD-1 runs: the launcher runs the offline stage (one build), then the runs, which reuse
+    the files; relaunched after everything finished, it skips the offline stage too."""
+    from scripts import commands
+    save = tmp_path / 'save'
+    common = f'--data_folder {cifar} --save_dir {save} --num_workers 0 --batch_size 50 --device cpu'
+    teacher = f'python train_teacher.py --model resnet8 --epochs 1 {common}'
+    path_t = f'{save}/models/resnet8_cifar100_lr_0.05_decay_0.0005_trial_0/ckpt_epoch_1.pth'
+    students = [f'python train_student.py --path_t {path_t} --distill letkd1 --model_s resnet8 --epochs 1 '
+                f'--k_penult 8 --trial {t} {common}' for t in (1, 2)]
+    lines = [teacher, '# barrier', *commands.with_offline_stages(students)]
+    assert sum('letkd_offline.py' in line for line in lines) == 1       # two trials, one build
+    text = '\n'.join(lines) + '\n'
+    (tmp_path / 'commands.txt').write_text(text)
+    log = tmp_path / 'logs'
+    assert launch.main([str(tmp_path / 'commands.txt'), '--gpus', '', '--poll', '0.1', '--log_dir', str(log)]) == 0
+    offline_logs = list(log.glob('offline_*.log'))
+    assert len(offline_logs) == 1 and 'building penult' in offline_logs[0].read_text()
+    for line in students:
+        run_log = (log / f'{launch.run_dir_of(shlex.split(line)).name}.log').read_text()
+        assert 'reusing' in run_log and 'building' not in run_log
+    assert launch.main([str(tmp_path / 'commands.txt'), '--gpus', '', '--poll', '0.1', '--log_dir', str(log),
+                        '--dry-run']) == 0
+    assert launch.main([str(tmp_path / 'commands.txt'), '--gpus', '', '--poll', '0.1', '--log_dir', str(log)]) == 0
+    assert offline_logs[0].read_text().count('\n$ ') == 1                # not run again
+
+
+def test_two_launchers_on_one_command_file_train_every_run_once(tmp_path, cifar):
+    """Two launchers started together on the same sweep (a teacher, a barrier, its student and two more
+    teachers): each run is trained by one process, each epoch logged once, and the student waits for the
+    teacher that the other launcher trains."""
+    save = tmp_path / 'save'
+    common = f'--data_folder {cifar} --save_dir {save} --num_workers 0 --batch_size 50 --device cpu --epochs 2'
+    teacher = f'python train_teacher.py --model resnet8 {common}'
+    student = (f'python train_student.py --path_t {save}/models/resnet8_cifar100_lr_0.05_decay_0.0005_trial_0/'
+               f'ckpt_epoch_2.pth --distill kd --model_s resnet8 {common}')
+    others = [f'python train_teacher.py --model {m} {common}' for m in ('resnet14', 'resnet20')]
+    commands_file = tmp_path / 'commands.txt'
+    commands_file.write_text('\n'.join([teacher, '# barrier', student, *others]) + '\n')
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / 'scripts' / 'launch.py'), str(commands_file), '--gpus', '',
+                               '--jobs', '2', '--poll', '0.1', '--log_dir', str(tmp_path / f'logs{i}')],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (0, 1)]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    for line in (teacher, student, *others):
+        run_dir = launch.run_dir_of(shlex.split(line))
+        starts = sum((tmp_path / f'logs{i}' / f'{run_dir.name}.log').read_text().count('\n$ ')
+                     for i in (0, 1) if (tmp_path / f'logs{i}' / f'{run_dir.name}.log').is_file())
+        assert starts == 1, (run_dir.name, outputs)
+        assert [m['epoch'] for m in metrics_without_time(run_dir)] == [1, 2], run_dir.name
+        assert json.loads((run_dir / 'summary.json').read_text())['epochs'] == 2
