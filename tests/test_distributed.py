@@ -63,6 +63,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                      student('kd', 'one', 1), student('letkd2', 'one', 1, '--k_penult', '4', '--k_inter', '2'),
                      student('crd', 'one', 1, '--nce_k', '4'),
                      student('kd', 'fast', 1, '--fast', '--compile', 'none'),   # the sync-free loop under DDP
+                     student('kd', 'compiled', 1, '--fast', '--compile', 'default'),   # ... compiled, with DDP inside
                      student('crd', 'full', 2, '--nce_k', '4'),
                      student('crd', 'cut', 2, '--nce_k', '4', '--kill_after_epoch', '1'), port=29561)
     assert first.returncode != 0, 'the killed run should end the launch with an error'
@@ -106,7 +107,7 @@ def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines()]
 
 
-RUNS = ['teacher', 'kd-one', 'letkd2-one', 'crd-one', 'kd-fast', 'crd-full', 'crd-cut']
+RUNS = ['teacher', 'kd-one', 'letkd2-one', 'crd-one', 'kd-fast', 'kd-compiled', 'crd-full', 'crd-cut']
 
 
 @pytest.mark.parametrize('name', RUNS)
@@ -139,6 +140,20 @@ def test_resume_after_kill_matches_uninterrupted(runs: dict[str, Path]) -> None:
     (full0, _), (cut0, _) = dumps(runs, 'crd-full'), dumps(runs, 'crd-cut')
     for key, value in full0['state'].items():
         assert torch.equal(value, cut0['state'][key]), key
+
+
+def test_ddp_and_compile_train_what_ddp_alone_trains(runs: dict[str, Path]) -> None:
+    """--fast --compile default under torchrun: the step that is compiled calls the DDP-wrapped forward (dynamo's
+    DDP support splits its graph at the gradient buckets); same batches, same weights as the uncompiled fast run
+    up to float rounding, and DDP's flags as documented (no static graph under compile)."""
+    (compiled, _), (eager, _) = dumps(runs, 'kd-compiled'), dumps(runs, 'kd-fast')
+    assert compiled['state'].keys() == eager['state'].keys()
+    for key, value in eager['state'].items():
+        if torch.is_floating_point(value):
+            torch.testing.assert_close(compiled['state'][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert compiled['ddp'] == {'find_unused_parameters': False, 'static_graph': False}
+    assert metrics(runs['kd-compiled'])[-1]['train_loss'] == pytest.approx(metrics(runs['kd-fast'])[-1]['train_loss'],
+                                                                            rel=1e-4)
 
 
 def test_eval_shards_partition_the_test_set() -> None:
@@ -216,6 +231,7 @@ def test_every_method_gives_every_parameter_a_gradient_in_every_step(distill, on
     from dataset import get_dataloaders, set_epoch
     from distiller_zoo.registry import DISTILLERS
     from helper.distributed import _TrainStep
+    from helper.loops import batch_extras, extra_names
     from models import create_model
     from tests.options import student_options
     torch.set_num_threads(1)
@@ -237,14 +253,10 @@ def test_every_method_gives_every_parameter_a_gradient_in_every_step(distill, on
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01)
     distiller.train()
     set_epoch(data, 1, 0)
+    distiller.start_epoch(1)
     for step, batch in zip(range(3), data.train_loader):
-        image, target, *rest = batch
-        extras = {'epoch': 1}
-        if method.data_mode in ('instance', 'crd'):
-            extras['index'] = rest[0]
-        if method.data_mode == 'crd':
-            extras['contrast_idx'] = rest[1]
-        _, losses = ddp(image, target, **extras)
+        extras = batch_extras(batch, extra_names(distiller), torch.device('cpu'))   # as the loops name them
+        _, losses = ddp(batch[0], batch[1], **extras)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         missing = [n for n, p in distiller.named_parameters()
