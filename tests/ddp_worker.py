@@ -8,7 +8,8 @@ rank-r state goes to OUT_DIR/NAME.rank<r>.pt.
 
 A run's ``--kill_after_epoch E`` (taken out before the CLI sees the flags) ends every rank abruptly right
 after last.pth of epoch E is written; ``--slow_prepare S`` makes rank 0's ``prepare`` take S seconds longer
-(a cache that takes long to build); ``--dump_after_prepare`` saves each rank's state right after ``prepare``
+(a cache that takes long to build); ``--nan_on_rank1_at_step S`` makes rank 1's loss NaN at its S-th training
+step (rank 0's stays finite); ``--dump_after_prepare`` saves each rank's state right after ``prepare``
 with the indices the training loader gave it during ``prepare`` (an init stage) to OUT_DIR/NAME.prepare.rank<r>.pt.
 TORCHVISION_FAKE_CLASSES=C replaces torchvision's weights by a random model's (nothing downloads);
 DDP_TEST_TIMEOUT_S=T sets the collectives' timeout (helper/distributed.py TIMEOUT) to T seconds.
@@ -59,19 +60,23 @@ def main() -> int:
     for which, name, *argv in runs:
         argv, kill_after = _take(argv, '--kill_after_epoch', 0)   # ours, not the CLI's
         argv, slow = _take(argv, '--slow_prepare', 0)
+        argv, nan_step = _take(argv, '--nan_on_rank1_at_step', 0)
         dump_prepare = '--dump_after_prepare' in argv
         argv = [a for a in argv if a != '--dump_after_prepare']
         module = train_student if which == 'student' else train_teacher
         method = DISTILLERS[canonical_name(argv[argv.index('--distill') + 1])] if which == 'student' else None
         original = method.prepare if method is not None else None
+        original_step = method.forward_train if method is not None else None
         if method is not None and (slow or dump_prepare):
             method.prepare = _watched_prepare(original, slow, out / f'{name}.prepare.rank{rank}.pt' if dump_prepare
                                               else None)
+        if method is not None and nan_step and rank == '1':
+            method.forward_train = _nan_at(original_step, int(nan_step))
         try:
             code = _run(module, out / f"{name}.rank{rank}.pt", argv, kill_after)
         finally:
             if method is not None:
-                method.prepare = original
+                method.prepare, method.forward_train = original, original_step
         if code:
             return code
         # separate launches in real use: the next run may read what rank 0 of this one is still writing
@@ -104,6 +109,19 @@ class _RecordingLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+def _nan_at(forward_train, step: int):
+    """``forward_train`` whose losses are NaN at its ``step``-th call (1-based)."""
+    calls = [0]
+
+    def flaky(self, image, target, **extras):
+        logits, losses = forward_train(self, image, target, **extras)
+        calls[0] += 1
+        if calls[0] == step:
+            losses = {name: value * float('nan') for name, value in losses.items()}
+        return logits, losses
+    return flaky
 
 
 def _watched_prepare(prepare, slow_s: float, dump: Path | None):

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -189,6 +190,23 @@ def test_other_ranks_wait_for_rank0s_caches_without_a_collective(collective: dic
     summary = json.loads((collective['kd-slow'] / 'summary.json').read_text())
     assert summary['epochs'] == 1
     assert not list((collective['kd-slow'].parents[1] / 'cache' / '.main_first').glob('*.done'))   # cleaned up
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_one_line(runs: dict[str, Path]) -> None:
+    """The reference loop under torchrun: rank 1's loss becomes NaN at its 2nd step, rank 0's does not. The NaN
+    check is collective, so both ranks stop at that step with one line each (rank 0's names the other process)
+    instead of rank 0 waiting in DDP's gradient all-reduce until the collective timeout (20 s here)."""
+    out = runs['root'] / 'out_nan'
+    out.mkdir()
+    run = ['student', 'kd-nan', *runs['base'], *STUDENT, '--path_t', runs['path_t'], '--distill', 'kd',
+           '--trial', 'nan', '--seed', '5', '--epochs', '1', '--nan_on_rank1_at_step', '2']
+    tic = time.monotonic()
+    done = torchrun(out, run, port=29564, DDP_TEST_TIMEOUT_S='20')
+    assert done.returncode != 0 and time.monotonic() - tic < 120
+    errors = [line for line in done.stderr.splitlines() if line.startswith('error: loss became')]
+    assert any('loss became nan at epoch 1, iteration 2/' in line for line in errors), done.stderr[-2000:]
+    assert any('non-finite on another process at epoch 1, iteration 2/' in line for line in errors), done.stderr[-2000:]
+    assert 'Timeout' not in done.stderr and 'timed out' not in done.stderr
 
 
 def test_collective_timeout_is_tens_of_minutes() -> None:
