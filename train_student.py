@@ -20,8 +20,9 @@ from helper.errors import UserError
 from helper.loops import validate
 from helper.numerics import set_tf32
 from helper.optim import TRAINERS
-from helper.options import (ResolvedOptions, add_common_arguments, freeze, resolve_common, run_cli,
-                            student_folder_name, teacher_name_from_path, updated)
+from helper.options import (DEFAULT_PROTOCOL, PROTOCOL_NAME, ResolvedOptions, add_common_arguments, freeze,
+                            protocol_folder, resolve_common, run_cli, student_folder_name, teacher_name_from_path,
+                            updated)
 from helper.run import RunConfig, check_run_dir, create_run_dir, fit, load_data
 from helper.util import count_params, load_teacher, resolve_device, save_json, seed_everything
 from helper.teachers import is_torchvision_teacher, torchvision_teacher_name
@@ -57,6 +58,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--dot_delta', type=float, default=0.075,
                    help="DOT: task momentum = --momentum - delta, distillation momentum = --momentum + delta "
                         "(mdistiller's CIFAR-100 configs: 0.075)")
+    g.add_argument('--protocol', type=str, default=DEFAULT_PROTOCOL,
+                   help="the sweep protocol the run belongs to (scripts/settings.py PROTOCOLS: published, repdistiller, "
+                        "letkd): a label recorded in args.json and summary.json that places the run in "
+                        "<save_dir>/student_model/protocol_<name>/ (published: student_model/ itself); the recipe's "
+                        "flags themselves are on the command line (scripts/commands.py --protocol writes them)")
     add_method_arguments(parser)
     add_common_arguments(parser)
     return parser
@@ -68,6 +74,9 @@ def resolve_options(parsed: argparse.Namespace) -> ResolvedOptions:
     the result is read-only and is what args.json records (with the data's facts)."""
     opt = updated(parsed, distill=canonical_name(parsed.distill))
     method = DISTILLERS[opt.distill]
+    if not PROTOCOL_NAME.fullmatch(str(opt.protocol)):
+        raise UserError(f"--protocol must be a name of letters, digits, '_', '.' or '-' (it names a folder), got "
+                        f"{opt.protocol!r}")
     if opt.model_s not in model_names():
         raise UserError(f"unknown --model_s {opt.model_s!r}; choose one of: {', '.join(model_names())}")
     if not method.needs_teacher:
@@ -99,8 +108,9 @@ def resolve_dot(opt: argparse.Namespace, method: type, *, compile_was_given: boo
 
 
 def run_folder(opt: argparse.Namespace) -> Path:
-    """The run folder of resolved options: <save_dir>/student_model/S:<s>_T:<t>_..."""
-    return Path(opt.save_dir) / 'student_model' / student_folder_name(opt)
+    """The run folder of resolved options: <save_dir>/student_model/S:<s>_T:<t>_..., or
+    <save_dir>/student_model/protocol_<name>/S:<s>_T:<t>_... for a protocol other than 'published'."""
+    return Path(opt.save_dir) / 'student_model' / protocol_folder(opt) / student_folder_name(opt)
 
 
 def resolve_run_dir(parsed: argparse.Namespace) -> Path:
@@ -168,7 +178,7 @@ def main(parsed: argparse.Namespace) -> dict:
           f'deployed student {count_params(deployed):,} params; run folder {run_dir}')
     summary = {'distill': opt.distill, 'model_s': opt.model_s, 'model_t': opt.model_t, 'dataset': opt.dataset,
                'trial': opt.trial, 'gamma': opt.gamma, 'alpha': opt.alpha, 'beta': opt.beta, 'teacher_acc': teacher_acc,
-               'teacher_acc_top5': teacher_acc_top5, 'trainer': opt.trainer}
+               'teacher_acc_top5': teacher_acc_top5, 'trainer': opt.trainer, 'protocol': opt.protocol}
     cfg = RunConfig.from_opt(opt, run_dir, opt.model_s, summary)
     return fit(distiller, data, cfg, device)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -230,6 +231,19 @@ def student_folder_name(opt: argparse.Namespace) -> str:
         method = f'{method}+{opt.trainer}'
     return (f'S{s}{opt.model_s}_T{s}{opt.model_t}_{opt.dataset}_{method}_'
             f'r{s}{float(opt.gamma)}_a{s}{float(opt.alpha)}_b{s}{float(opt.beta)}_{opt.trial}')
+
+
+DEFAULT_PROTOCOL = 'published'
+PROTOCOL_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*')
+
+
+def protocol_folder(opt: argparse.Namespace) -> str:
+    """The folder between ``<save_dir>/student_model`` and a student's run folder: '' for the ``published`` protocol
+    (each method's own recipe; RepDistiller's layout, so existing runs keep their place), ``protocol_<name>`` for
+    another (scripts/settings.py PROTOCOLS). The run-folder name holds the method's weights only, so runs of two
+    protocols would otherwise share a folder."""
+    name = getattr(opt, 'protocol', None) or DEFAULT_PROTOCOL
+    return '' if name == DEFAULT_PROTOCOL else f'protocol_{name}'
 
 
 def teacher_name_from_path(path: str) -> str | None:

@@ -9,7 +9,7 @@ sweep() {
       --trials) trials=$2; shift ;;
       --gpus|--jobs_per_gpu|--jobs|--log_dir|--gpus_per_job|--backend|--partition|--timeout_min|--cpus_per_job|\
       --array_parallelism|--slurm|--submitit_dir|--mem_gb|--max_num_timeout) launch+=("$1" "$2"); shift ;;
-      -h|--help) echo "usage: $0 [--dry-run] [--trials N] [--gpus 0,1] [--jobs_per_gpu N] [--jobs N] [--gpus_per_job N] [--backend local|slurm|submitit-local] [--partition P] [--timeout_min M] [--mem_gb G] [--max_num_timeout N] [commands.py flags]"; return 0 ;;
+      -h|--help) echo "usage: $0 [--dry-run] [--trials N] [--gpus 0,1] [--jobs_per_gpu N] [--jobs N] [--gpus_per_job N] [--backend local|slurm|submitit-local] [--partition P] [--timeout_min M] [--mem_gb G] [--max_num_timeout N] [--protocol published|repdistiller|letkd] [commands.py flags]"; return 0 ;;
       *) extra+=("$1") ;;
     esac
     shift

@@ -2,10 +2,18 @@
 
     python scripts/commands.py vanilla                       # teachers + students from scratch, CIFAR-100
     python scripts/commands.py distill --trials 5            # every Table-1 method x pair
+    python scripts/commands.py extended --trials 5           # every method (new ones too) x RepDistiller's 13 pairs
     python scripts/commands.py tinyimagenet --trials 3       # Table 3: teachers, students, methods
     python scripts/commands.py imagenet                      # Table 2: students from scratch, 6 methods x 2 pairs
     python scripts/commands.py distill --methods letKD-2 KD --pairs resnet56:resnet20
     python scripts/commands.py distill --fast                # every run on the fast path (or --extra "--fast")
+    python scripts/commands.py distill --protocol letkd      # every method with the letKD authors' recipe
+
+--protocol (scripts/settings.py PROTOCOLS): 'published' (default) gives every method its own published recipe;
+'repdistiller' and 'letkd' give every method, and the students from scratch (``train_student.py --distill ce``,
+written into the sweep), one recipe, spelled out on each line with ``--protocol NAME``, which places the run in
+``<save_dir>/student_model/protocol_NAME/``. The method flags are the same under every protocol. Teachers (the
+published checkpoints; Tiny-ImageNet's, trained by the sweep) are shared by all protocols.
 
 A line '# barrier' separates stages that depend on each other (teachers before their students);
 scripts/launch.py finishes a stage before starting the next.
@@ -24,23 +32,40 @@ import shlex
 import sys
 from functools import lru_cache
 
-from models import feature_channels
+from models import feature_channels, model_facts
 from scripts.launch import BARRIER
 from scripts.runs import quantized_distiller
-from scripts.settings import (CIFAR_STUDENTS, CIFAR_TEACHERS, EXTRA_METHODS, IMAGENET_BASELINE_PROTOCOL,
-                              IMAGENET_DKD_BETA, IMAGENET_LOADER, IMAGENET_METHODS, IMAGENET_PAIRS, METHODS,
-                              TABLE1_METHODS, TABLE1_PAIRS, TABLE3_METHODS, TABLE3_PAIRS, TRIALS_CIFAR,
-                              TRIALS_IMAGENET, TRIALS_TINYIMAGENET, imagenet_execution, imagenet_protocol,
-                              pair_flags)
+from scripts.settings import (CIFAR_STUDENTS, CIFAR_TEACHERS, DEFAULT_PROTOCOL, EXTENDED_METHODS, EXTENDED_PAIRS,
+                              EXTRA_METHODS, IMAGENET_BASELINE_PROTOCOL, IMAGENET_DKD_BETA, IMAGENET_LOADER,
+                              IMAGENET_METHODS, IMAGENET_PAIRS, METHODS, PROTOCOLS, TABLE1_METHODS, TABLE1_PAIRS,
+                              TABLE3_METHODS, TABLE3_PAIRS, TRIALS_CIFAR, TRIALS_IMAGENET, TRIALS_TINYIMAGENET,
+                              imagenet_recipe, pair_flags, recipe_flags)
 
+
+def exclusion(label: str, teacher: str, student: str) -> str | None:
+    """Why ``label`` cannot run on teacher -> student, or None: FSP and KDSVD need equal channel counts per stage,
+    ReviewKD as many feature levels in both networks, OFD a BN before each stage's ReLU in the teacher (the checks
+    the methods make when they are built; tests/test_scripts.py builds every method of the extended sweep)."""
+    method = METHODS[label]
+    s, t = feature_channels(student), feature_channels(teacher)
+    if method.needs_equal_channels and s != t:
+        return f'{label} needs equal channel counts per stage ({teacher} {list(t)}, {student} {list(s)})'
+    if method.distill == 'reviewkd' and len(s) != len(t):
+        return f'{label} needs as many feature levels in both networks ({teacher} {len(t)}, {student} {len(s)})'
+    if method.distill == 'ofd' and model_facts(teacher).no_bn_before_relu:
+        return f'{label} needs the BN before each stage\'s ReLU in the teacher ({teacher}: ' \
+               f'{model_facts(teacher).no_bn_before_relu})'
+    return None
 
 
 def runnable(label: str, teacher: str, student: str) -> bool:
-    """False for the pairs a method cannot handle (FSP/KDSVD need equal channels per stage)."""
-    if METHODS[label].needs_equal_channels:
-        s, t = feature_channels(student), feature_channels(teacher)
-        return len(s) == len(t) and s == t
-    return True
+    """False for the pairs a method cannot handle (``exclusion`` says why)."""
+    return exclusion(label, teacher, student) is None
+
+
+def protocol_flag(protocol: str) -> list[str]:
+    """``--protocol NAME`` for a protocol other than the default (the published protocol's lines are as before)."""
+    return [] if protocol == DEFAULT_PROTOCOL else ['--protocol', protocol]
 
 
 def teacher_path(save_dir: str, dataset: str, teacher: str) -> str:
@@ -59,29 +84,54 @@ def vanilla_lines(models: list[str], dataset: str, trials: int, save_dir: str, c
 
 
 def distill_lines(labels: list[str], pairs: list[tuple[str, str]], dataset: str, trials: int, save_dir: str,
-                  common: list[str]) -> list[str]:
+                  common: list[str], protocol: str = DEFAULT_PROTOCOL, left_out: list[str] | None = None) -> list[str]:
+    """Every method x pair x trial: the method's flags and per-pair values, then the recipe of ``protocol``
+    (settings.recipe_flags). Pairs a method cannot run are left out (with the reason appended to ``left_out``)."""
     lines = []
     for teacher, student in pairs:
         for label in labels:
-            if not runnable(label, teacher, student):
+            reason = exclusion(label, teacher, student)
+            if reason is not None:
+                if left_out is not None:
+                    left_out.append(f'{label} on {teacher} -> {student}: {reason}')
                 continue
             method = METHODS[label]
             for trial in range(1, trials + 1):
                 lines.append(shlex.join([
                     'python', 'train_student.py', '--path_t', teacher_path(save_dir, dataset, teacher),
                     '--distill', method.distill, '--model_s', student, '--dataset', dataset, '--trial', str(trial),
-                    '--save_dir', save_dir, *method.flags, *pair_flags(label, teacher, student), *common]))
+                    '--save_dir', save_dir, *method.flags, *pair_flags(label, teacher, student),
+                    *recipe_flags(protocol, label, teacher, student, dataset), *protocol_flag(protocol), *common]))
     return lines
 
 
-def imagenet_lines(labels: list[str], trials: int, save_dir: str, common: list[str]) -> list[str]:
+def scratch_lines(students: list[str], dataset: str, trials: int, save_dir: str, common: list[str],
+                  protocol: str) -> list[str]:
+    """The students from scratch under a protocol other than 'published': ``train_student.py --distill ce`` with the
+    protocol's recipe (their own folder beside the protocol's distilled students). The published protocol trains
+    them with train_teacher.py (``vanilla_lines``)."""
+    recipe = PROTOCOLS[protocol].small if dataset != 'imagenet' else PROTOCOLS[protocol].imagenet
+    return [shlex.join(['python', 'train_student.py', '--distill', 'ce', '--model_s', student, '--dataset', dataset,
+                        '--trial', str(trial), '--save_dir', save_dir, *recipe.flags(dataset, student),
+                        *protocol_flag(protocol), *common])
+            for student in students for trial in range(1, trials + 1)]
+
+
+def imagenet_lines(labels: list[str], trials: int, save_dir: str, common: list[str],
+                   protocol: str = DEFAULT_PROTOCOL) -> list[str]:
     """Table 2: the students from scratch, then every method x pair; teachers are torchvision's weights.
 
     One process per line; scripts/launch.py --gpus_per_job N starts each with torchrun (--batch_size is global).
+    The published protocol trains letKD/QUEST with their authors' recipe and everything else (students from scratch
+    included, with train_teacher.py) with mdistiller's; another protocol trains every run with its ImageNet recipe.
     """
-    lines = [shlex.join(['python', 'train_teacher.py', '--model', student, '--dataset', 'imagenet', '--trial', str(t),
-                         '--save_dir', save_dir, *IMAGENET_BASELINE_PROTOCOL, *IMAGENET_LOADER, *common])
-             for _, student in IMAGENET_PAIRS.values() for t in range(trials)]
+    students = [student for _, student in IMAGENET_PAIRS.values()]
+    if protocol == DEFAULT_PROTOCOL:
+        lines = [shlex.join(['python', 'train_teacher.py', '--model', student, '--dataset', 'imagenet', '--trial',
+                             str(t), '--save_dir', save_dir, *IMAGENET_BASELINE_PROTOCOL, *IMAGENET_LOADER, *common])
+                 for student in students for t in range(trials)]
+    else:
+        lines = scratch_lines(students, 'imagenet', trials, save_dir, [*IMAGENET_LOADER, *common], protocol)
     for key, (teacher, student) in IMAGENET_PAIRS.items():
         for label in labels:
             method = IMAGENET_METHODS[label]
@@ -90,8 +140,8 @@ def imagenet_lines(labels: list[str], trials: int, save_dir: str, common: list[s
                 lines.append(shlex.join([
                     'python', 'train_student.py', '--path_t', f'torchvision:{teacher}', '--distill', method.distill,
                     '--model_s', student, '--dataset', 'imagenet', '--trial', str(trial), '--save_dir', save_dir,
-                    *method.flags, *beta, *imagenet_protocol(method.distill), *imagenet_execution(method.distill),
-                    *IMAGENET_LOADER, *common]))
+                    *method.flags, *beta, *imagenet_recipe(protocol, method.distill, method.own_optimizer),
+                    *protocol_flag(protocol), *IMAGENET_LOADER, *common]))
     return lines
 
 
@@ -170,12 +220,15 @@ def parse_pairs(items: list[str] | None, default: list[tuple[str, str]]) -> list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('sweep', choices=('vanilla', 'distill', 'tinyimagenet', 'imagenet'))
+    parser.add_argument('sweep', choices=('vanilla', 'distill', 'extended', 'tinyimagenet', 'imagenet'))
     parser.add_argument('--trials', type=int, default=None,
                         help='default: 5 on CIFAR-100, 3 on Tiny-ImageNet, 1 on ImageNet')
     parser.add_argument('--methods', nargs='*', default=None,
                         help=f"labels among: {', '.join(METHODS)}; ImageNet: {', '.join(IMAGENET_METHODS)}")
     parser.add_argument('--pairs', nargs='*', default=None, help='teacher:student pairs (default: the table\'s)')
+    parser.add_argument('--protocol', choices=tuple(PROTOCOLS), default=DEFAULT_PROTOCOL,
+                        help="the training recipe: published = each method's own (default); repdistiller, letkd = one "
+                             "recipe for every method (scripts/settings.py PROTOCOLS)")
     parser.add_argument('--save_dir', default='./save')
     parser.add_argument('--data_folder', default='./data')
     parser.add_argument('--extra', default='', help='flags appended to every command, e.g. "--epochs 1"')
@@ -188,19 +241,35 @@ def main(argv: list[str] | None = None) -> int:
     for label in args.methods or []:
         if label not in known:
             parser.error(f'unknown method label {label!r}')
+    if args.sweep == 'vanilla' and args.protocol != DEFAULT_PROTOCOL:
+        parser.error("the vanilla sweep trains the teachers, which every protocol shares; the students from scratch "
+                     "of a protocol are part of its distill / extended / tinyimagenet / imagenet sweep")
     common = ['--data_folder', args.data_folder, *shlex.split(args.extra)]
+    protocol = args.protocol
+    scratch = protocol != DEFAULT_PROTOCOL
 
+    def students_of(pairs: list[tuple[str, str]]) -> list[str]:
+        return list(dict.fromkeys(s for _, s in pairs))
+
+    lines: list[str]
     if args.sweep == 'vanilla':
         trials = args.trials or 1
         lines = vanilla_lines(CIFAR_TEACHERS + CIFAR_STUDENTS, 'cifar100', trials, args.save_dir, common)
-    elif args.sweep == 'distill':
+    elif args.sweep in ('distill', 'extended'):
         trials = args.trials or TRIALS_CIFAR
-        labels = args.methods or TABLE1_METHODS + EXTRA_METHODS
-        lines = with_offline_stages(distill_lines(labels, parse_pairs(args.pairs, TABLE1_PAIRS), 'cifar100', trials,
-                                                  args.save_dir, common))
+        extended = args.sweep == 'extended'
+        labels = args.methods or (EXTENDED_METHODS if extended else TABLE1_METHODS + EXTRA_METHODS)
+        pairs = parse_pairs(args.pairs, EXTENDED_PAIRS if extended else TABLE1_PAIRS)
+        left_out: list[str] = []
+        runs = distill_lines(labels, pairs, 'cifar100', trials, args.save_dir, common, protocol, left_out)
+        if scratch:
+            runs = scratch_lines(students_of(pairs), 'cifar100', trials, args.save_dir, common, protocol) + runs
+        lines = with_offline_stages(runs)
+        if extended:    # the cells a method cannot run, with the reason (comment lines: the launcher skips them)
+            lines = [f'# left out: {reason}' for reason in left_out] + lines
     elif args.sweep == 'imagenet':
         lines = with_offline_stages(imagenet_lines(args.methods or list(IMAGENET_METHODS),
-                                                   args.trials or TRIALS_IMAGENET, args.save_dir, common))
+                                                   args.trials or TRIALS_IMAGENET, args.save_dir, common, protocol))
     else:
         trials = args.trials or TRIALS_TINYIMAGENET
         pairs = parse_pairs(args.pairs, TABLE3_PAIRS)
@@ -210,12 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         students = sorted({s for _, s in pairs})
         lines = vanilla_lines(teachers, 'tinyimagenet', 1, args.save_dir, common)
         lines += [BARRIER]
+        scratch_runs = (scratch_lines(students, 'tinyimagenet', trials, args.save_dir, common, protocol) if scratch
+                        else vanilla_lines(students, 'tinyimagenet', trials, args.save_dir, common))
         lines += with_offline_stages(
-            vanilla_lines(students, 'tinyimagenet', trials, args.save_dir, common)
-            + distill_lines(args.methods or TABLE3_METHODS, pairs, 'tinyimagenet', trials, args.save_dir, common))
+            scratch_runs + distill_lines(args.methods or TABLE3_METHODS, pairs, 'tinyimagenet', trials, args.save_dir,
+                                         common, protocol))
     print('\n'.join(lines))
     return 0
 
 
 if __name__ == '__main__':
+    import torch
+    torch.set_num_threads(1)    # the shape probes are tiny forwards; more threads only contend (3x slower on 2 cores)
     sys.exit(main())

@@ -6,6 +6,9 @@
 #   bash scripts/fetch_pretrained_teachers.sh [--dry-run] [--save_dir ./save]
 set -euo pipefail
 URL=https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar
+# the teachers of RepDistiller's 13 CIFAR-100 pairs (scripts/settings.py CIFAR_TEACHERS; vgg13 and ResNet50 for the
+# extended sweep's vgg13 -> vgg8 / MobileNetV2 and ResNet50 -> MobileNetV2 / vgg8)
+TEACHERS="wrn_40_2 resnet56 resnet110 resnet32x4 vgg13 ResNet50"
 save_dir=./save; dry=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -23,6 +26,7 @@ run curl -fL --retry 3 -o "$tmp/cifar_teachers.tar" "$URL"
 run tar -xf "$tmp/cifar_teachers.tar" -C "$tmp"
 if [ "$dry" = 1 ]; then
   echo "# then: move every <name>_vanilla/ folder found in the archive to $save_dir/models/ and verify it"
+  echo "# expected: $(for t in $TEACHERS; do printf '%s ' "$save_dir/models/${t}_vanilla/ckpt_epoch_240.pth"; done)"
   exit 0
 fi
 found=0
@@ -33,6 +37,10 @@ while IFS= read -r ckpt; do
   found=$((found + 1))
 done < <(find "$tmp" -path '*_vanilla/ckpt_epoch_240.pth')
 [ "$found" -gt 0 ] || { echo "error: no <name>_vanilla/ckpt_epoch_240.pth in the archive" >&2; exit 1; }
+missing=""
+for t in $TEACHERS; do
+  [ -f "$save_dir/models/${t}_vanilla/ckpt_epoch_240.pth" ] || missing="$missing $t"
+done
 "${PYTHON:-python}" - "$save_dir" <<'PY'
 import hashlib, sys
 from pathlib import Path
@@ -43,3 +51,8 @@ for ckpt in sorted(Path(sys.argv[1], 'models').glob('*_vanilla/ckpt_epoch_240.pt
     load_teacher(str(ckpt), name, 100, trust=False)
     print(f'{ckpt}  {name}  sha256 {hashlib.sha256(ckpt.read_bytes()).hexdigest()}  loads strictly')
 PY
+if [ -n "$missing" ]; then
+  echo "error: the archive has no teacher for:$missing. Train one (python train_teacher.py --model NAME --trial 0) and copy" >&2
+  echo "  its ckpt_epoch_240.pth to $save_dir/models/NAME_vanilla/ckpt_epoch_240.pth (the sweeps' teacher path)" >&2
+  exit 1
+fi

@@ -393,3 +393,163 @@ def test_a_run_writes_the_best_epochs_top5_and_the_teachers_top5(tmp_path, vanil
     assert summary['teacher_acc'] == pytest.approx(expected['acc'])
     assert summary['teacher_acc_top5'] == pytest.approx(expected['acc_top5'])
     assert expected['acc_top5'] > expected['acc']           # a random teacher: the two are told apart
+
+
+# ------------------------------------------------------------------------- every published number (issue 20)
+def new_method_runs(save):
+    """A few cells of the new methods (and two baselines), with their summary.json keys (logit_stand, trainer)."""
+    r8 = dict(dataset='cifar100', model_t='resnet32x4', model_s='resnet8x4', **COST)
+    for i, (last, best) in enumerate([(76.02, 76.22), (76.12, 76.32), (76.22, 76.42)]):
+        # KD+LS: best 76.32 +- 0.10, 3 std below the LS README's 76.62 (a best-epoch source): flagged
+        write_summary(save, f'kdls{i}', distill='kd', alpha=9.0, logit_stand=True, trainer='sgd', last_acc=last,
+                      best_acc=best, **r8)
+    for i, (last, best) in enumerate([(75.9, 76.2), (76.0, 76.3), (76.1, 76.4)]):
+        # DKD: best 76.30 +- 0.10 next to mdistiller's best-epoch 76.32: within; the letKD paper (epoch not stated):
+        # last is 0.32 off but best is within, so not flagged; the LS README's baseline row (not stated) the same
+        write_summary(save, f'dkd{i}', distill='dkd', alpha=0.0, logit_stand=False, trainer='sgd', last_acc=last,
+                      best_acc=best, **r8)
+        # DIST: 76.20 +- 0.10 next to DIST's 76.31 +- 0.19 (epoch not stated): within
+        write_summary(save, f'dist{i}', distill='dist', alpha=0.0, last_acc=last + 0.2, best_acc=best + 0.2, **r8)
+    # KD+DOT on vgg13 -> vgg8, 2 runs (fewer than 3: the 1-point rule): best 73.70 next to mdistiller's 73.77
+    for i, best in enumerate([73.5, 73.9]):
+        write_summary(save, f'dot{i}', dataset='cifar100', model_t='vgg13', model_s='vgg8', distill='kd', alpha=0.9,
+                      trainer='dot', last_acc=best - 0.3, best_acc=best, **COST)
+    # KD resnet56 -> resnet20, one run: last 69.50, 1.16 below RepDistiller's last-epoch 70.66: flagged (> 1 point)
+    write_summary(save, 'kd56', dataset='cifar100', model_t='resnet56', model_s='resnet20', distill='kd', alpha=0.9,
+                  last_acc=69.5, best_acc=70.0, **COST)
+
+
+def test_every_published_number_sits_next_to_ours_with_its_source_rule_and_flag(tmp_path, capsys):
+    save = tmp_path / 'save'
+    new_method_runs(save)
+    assert compare_with_paper.main([str(save), '--out', str(tmp_path / 'out')]) == 0
+    out = capsys.readouterr().out
+    # the new methods are rows of the grid (labels as in published_elsewhere.csv), vgg13 -> vgg8 a column after
+    # Table 1's; the letKD paper has no number for them
+    last = next(t for t in out.split('## ') if t.startswith('cifar100: last-epoch'))
+    assert '| method | resnet56 -> resnet20 | resnet32x4 -> resnet8x4 | vgg13 -> vgg8 |' in last
+    assert '| KD+LS | - / - | 76.12 +- 0.10 (3) / - / - | - / - |' in last
+    assert '| DIST | - / - | **76.20 +- 0.10 (3) / - / -** | - / - |' in last
+    assert '| KD+DOT | - / - | - / - | **73.40 +- 0.28 (2) / - / -** |' in last
+    long = next(t for t in out.split('## ') if t.startswith('cifar100: all published numbers'))
+    assert long.splitlines()[0].endswith(': 3 of 11 flagged')
+    rows = [line for line in long.splitlines() if line.startswith('| ') and not line.startswith('| teacher -> student')]
+    assert len(rows) == 11
+    expected = [
+        '| resnet56 -> resnet20 | KD | 69.50 +- 0.00 (1) | 70.00 +- 0.00 (1) | 70.66 | letKD | epoch not stated, '
+        'mean of 5 runs | last, best | last -1.16 / best -0.66 |  |',
+        '| resnet56 -> resnet20 | KD | 69.50 +- 0.00 (1) | 70.00 +- 0.00 (1) | 70.66 | RepDistiller | last epoch, 1 run '
+        '| last | last -1.16 | FLAG (> 1 pt, n < 3) |',
+        # mdistiller's KD row reprints RepDistiller's last-epoch numbers; CTKD's README reports the best epoch
+        '| resnet56 -> resnet20 | KD | 69.50 +- 0.00 (1) | 70.00 +- 0.00 (1) | 70.66 | mdistiller (DKD tables) | last '
+        "epoch, RepDistiller's number reprinted | last | last -1.16 | FLAG (> 1 pt, n < 3) |",
+        '| resnet56 -> resnet20 | KD | 69.50 +- 0.00 (1) | 70.00 +- 0.00 (1) | 70.66 | CTKD (CIFAR-100 table) | best '
+        'epoch | best | best -0.66 |  |',
+        '| resnet32x4 -> resnet8x4 | DKD | 76.00 +- 0.10 (3) | 76.30 +- 0.10 (3) | 76.32 | mdistiller (DKD tables) | '
+        'best epoch, mean of 5 runs | best | best -0.02 |  |',
+        '| resnet32x4 -> resnet8x4 | DKD | 76.00 +- 0.10 (3) | 76.30 +- 0.10 (3) | 76.32 | letKD | epoch not stated, '
+        'mean of 5 runs | last, best | last -0.32 / best -0.02 |  |',
+        '| resnet32x4 -> resnet8x4 | KD+LS | 76.12 +- 0.10 (3) | 76.32 +- 0.10 (3) | 76.62 | logit-standardization-KD | '
+        'best epoch, mean of 4 runs | best | best -0.30 | FLAG (> 2 std) |',
+        '| resnet32x4 -> resnet8x4 | DIST | 76.20 +- 0.10 (3) | 76.50 +- 0.10 (3) | 76.31 +- 0.19 | DIST_KD (CIFAR-100 '
+        'table) | epoch not stated, mean +- std over runs | last, best | last -0.11 / best +0.19 |  |',
+        '| vgg13 -> vgg8 | KD+DOT | 73.40 +- 0.28 (2) | 73.70 +- 0.28 (2) | 73.77 | mdistiller (DOT tables) | best epoch '
+        '| best | best -0.07 |  |',
+    ]
+    for row in expected:
+        assert row in rows, row
+    # the DKD cell has a number from the letKD paper, mdistiller and the LS README: one row each
+    assert sum('| DKD |' in row for row in rows) == 3
+    # the 1-point rule applies below 3 runs: KD+DOT is 0.07 off with 2 runs
+    assert not any('KD+DOT' in row and 'FLAG' in row for row in rows)
+
+    with open(tmp_path / 'out' / 'comparison.csv') as f:
+        table = {(r['teacher'], r['student'], r['method']): r for r in csv.DictReader(f)}
+    kdls = table[('resnet32x4', 'resnet8x4', 'KD+LS')]
+    assert kdls['protocol'] == 'published' and kdls['published'] == ''            # no letKD-paper number
+    assert kdls['published_all'] == '76.62 (logit-standardization-KD, best epoch, mean of 4 runs)'
+    assert kdls['flagged'] == '76.62 (logit-standardization-KD)'
+    dkd = table[('resnet32x4', 'resnet8x4', 'DKD')]
+    assert dkd['published_all'].split('; ')[0] == '76.32 (letKD, epoch not stated, mean of 5 runs)'
+    assert '76.32 (mdistiller (DKD tables), best epoch, mean of 5 runs)' in dkd['published_all'] and dkd['flagged'] == ''
+    assert table[('resnet56', 'resnet20', 'KD')]['flagged'] == '70.66 (RepDistiller); 70.66 (mdistiller (DKD tables))'
+    with open(tmp_path / 'out' / 'comparison_published.csv') as f:
+        long_rows = list(csv.DictReader(f))
+    assert len(long_rows) == 11 and sum(r['flagged'] == '1' for r in long_rows) == 3
+    flagged = next(r for r in long_rows if r['method'] == 'KD+LS')
+    assert (flagged['epoch_rule'], flagged['compared_with'], flagged['diff_best'], flagged['threshold']) == \
+        ('best', 'best', '-0.3000', '0.2000')
+    assert flagged['source'] == 'logit-standardization-KD README.md @f6e5aa5'
+    assert flagged['reporting'].startswith('best epoch (LS issue #23), mean of 4 runs')
+
+
+@pytest.mark.parametrize('reporting, rule', [
+    ('last epoch (RepDistiller issue #16); one run as stated in modern-baselines.md', 'last'),
+    ('best epoch, mean of 5 runs (CIFAR-100) / 3 runs (ImageNet): mdistiller issues #30 and #42; the KD row reprints '
+     'RepDistiller README values (last epoch)', 'last'),
+    ('best epoch, mean of 5 runs (CIFAR-100) / 3 runs (ImageNet): mdistiller issues #30 and #42', 'best'),
+    ('not stated in the README (DOT paper not readable here); mdistiller rule per modern-baselines.md', 'best'),
+    ('best model on ImageNet (overhaul-distillation issue #9)', 'best'),
+    ('mean +- std over runs (README; number of runs not stated)', 'unstated'),
+    ('baseline row as printed in the LS README (where it comes from is not stated there)', 'unstated'),
+])
+def test_the_epoch_rule_is_read_from_the_reporting_text(reporting, rule):
+    assert compare_with_paper.epoch_rule(reporting) == rule
+
+
+def test_every_row_of_both_csvs_gets_a_rule_and_the_runs_it_averages():
+    every = compare_with_paper.load_all_published()
+    numbers = [n for ns in every.values() for n in ns]
+    assert len(numbers) == 240 + 389
+    rules = {n.rule for n in numbers}
+    assert rules == {'last', 'best', 'unstated'}
+    mdistiller = next(n for n in every[('imagenet', 'ResNet34', 'ResNet18', 'DKD')] if n.source.startswith('mdistiller'))
+    assert mdistiller.rule_text == 'best epoch, mean of 3 runs'               # ImageNet: 3 runs, CIFAR-100: 5
+    # the letKD paper's ImageNet "MobileNetV2" column is our MobileNetV1
+    assert every[('imagenet', 'ResNet50', 'MobileNetV1', 'letKD-2')][0].value == 73.98
+
+
+# ------------------------------------------------------------------------- recipe effect (issue 23)
+def test_recipe_effect_between_two_protocols_with_the_noise_rule(tmp_path, capsys):
+    save = tmp_path / 'save'
+    cell = dict(dataset='cifar100', model_t='resnet32x4', model_s='resnet8x4', **COST)
+    values = {  # protocol -> label -> last-epoch accuracies (best = last + 0.2)
+        'repdistiller': {'kd': [73.0, 73.1, 73.2], 'dkd': [76.0, 76.2, 76.4], 'ce': [72.0, 72.1, 72.2]},
+        'letkd': {'kd': [73.5, 73.6, 73.7], 'dkd': [76.1, 76.3, 76.5], 'ce': [72.4, 72.5, 72.6]},
+    }
+    for protocol, by in values.items():
+        for distill, lasts in by.items():
+            for i, last in enumerate(lasts):
+                fields = {**cell, 'model_t': 'none'} if distill == 'ce' else cell
+                write_summary(save, f'{protocol}_{distill}{i}', distill=distill, alpha=0.9 if distill == 'kd' else 0.0,
+                              last_acc=last, best_acc=last + 0.2, protocol=protocol, **fields)
+    write_summary(save, 'published_kd', distill='kd', alpha=0.9, last_acc=73.3, best_acc=73.5, **cell)
+    assert compare_with_paper.main([str(save), '--out', str(tmp_path / 'out')]) == 0
+    out = capsys.readouterr().out
+    # the published numbers sit beside the published protocol only
+    grid = next(t for t in out.split('## ') if t.startswith('[protocol letkd] cifar100: last-epoch'))
+    assert '| KD | 73.60 +- 0.10 (3) |' in grid and '73.33' not in grid
+    assert '| KD | **73.30 +- 0.00 (1) / 73.33 / -0.03** |' in out
+    pairs = next(t for t in out.split('## ') if t.startswith('cifar100: recipe effect, protocol letkd - repdistiller'))
+    # KD: +0.50 against 2 sqrt(0.1^2/3 + 0.1^2/3) = 0.16; DKD: +0.10 against 0.33
+    assert '| resnet32x4 -> resnet8x4 | KD | 73.10 +- 0.10 (3) | 73.60 +- 0.10 (3) | +0.50 | 0.16 | yes | +0.50 * |' \
+        in pairs
+    assert '| resnet32x4 -> resnet8x4 | DKD | 76.20 +- 0.20 (3) | 76.30 +- 0.20 (3) | +0.10 | 0.33 | no | +0.10 |' \
+        in pairs
+    assert '| resnet8x4 | student | 72.10 +- 0.10 (3) | 72.50 +- 0.10 (3) | +0.40 | 0.16 | yes | +0.40 * |' in pairs
+    effect = next(t for t in out.split('## ') if t.startswith('cifar100: recipe effect per method'))
+    # per method: the recipe's effect next to the method's own (method - student from scratch, each protocol)
+    assert '| student | 1 | +0.40 | +0.40 | 1/1 | - | - |' in effect
+    assert '| KD | 1 | +0.50 | +0.50 | 1/1 | +1.00 (1) | +1.10 (1) |' in effect
+    assert '| DKD | 1 | +0.10 | +0.10 | 0/1 | +4.10 (1) | +3.80 (1) |' in effect
+    with open(tmp_path / 'out' / 'protocol_comparison.csv') as f:
+        rows = {r['method']: r for r in csv.DictReader(f)}
+    assert (rows['KD']['diff_last'], rows['KD']['noise_last'], rows['KD']['beyond_noise_last']) == \
+        ('0.5000', '0.1633', '1')
+    assert rows['DKD']['beyond_noise_last'] == '0' and rows['student']['teacher'] == ''
+    # --protocol keeps only some protocols' runs; --versus names the pair of the recipe tables
+    assert compare_with_paper.main([str(save), '--out', str(tmp_path / 'out2'), '--protocol', 'letkd']) == 0
+    only = capsys.readouterr().out
+    assert '[protocol letkd]' in only and '[protocol repdistiller]' not in only and 'recipe effect' not in only
+    assert compare_with_paper.main([str(save), '--out', str(tmp_path / 'out3'), '--versus', 'published', 'letkd']) == 0
+    assert '## cifar100: recipe effect, protocol letkd - published' in capsys.readouterr().out

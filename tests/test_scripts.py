@@ -37,12 +37,16 @@ def dry_run_lines(script, *flags):
 #   resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, ResNet50->MobileNetV2; 5 each) = 210 per trial, x 5 = 1,050.
 # - run_tinyimagenet.sh: 3 teachers (1 trial) + 5 students from scratch x 3 + (14 Table-3 methods x 5 pairs + FSP on
 #   its 2 equal-channel pairs) x 3 = 3 + 15 + 216 = 234 (the '# barrier' line is not a command).
+# - run_cifar_extended.sh: (22 + 10 new methods) x 13 pairs = 416 cells, minus FSP and KDSVD on the 7 pairs with unequal
+#   channels (the 5 above, vgg13->MobileNetV2, ResNet50->vgg8) = 402 per trial, x 5 = 2,010.
 # Offline stages (helper/letkd_offline.py, one command per teacher and student map size, before the runs):
 # - CIFAR-100: 10 pairs, minus resnet110->resnet32 (resnet110->resnet20's maps), wrn_40_2->wrn_40_1 (wrn_16_2's) and
-#   resnet32x4->ShuffleV2 (ShuffleV1's) = 7; Tiny-ImageNet: 5 pairs minus wrn_40_2->wrn_40_1 = 4; ImageNet: 2.
+#   resnet32x4->ShuffleV2 (ShuffleV1's) = 7; the extended sweep adds vgg13->vgg8, vgg13->MobileNetV2, ResNet50->vgg8
+#   (each its own teacher or map size) = 10; Tiny-ImageNet: 5 pairs minus wrn_40_2->wrn_40_1 = 4; ImageNet: 2.
 @pytest.mark.parametrize('script, flags, expected, offline, dataset', [
     ('run_cifar_vanilla.sh', [], 6 + 9, 0, 'cifar100'),
     ('run_cifar_distill.sh', [], (22 * 10 - 2 * 5) * 5, 7, 'cifar100'),
+    ('run_cifar_extended.sh', [], (32 * 13 - 2 * 7) * 5, 10, 'cifar100'),
     ('run_tinyimagenet.sh', [], 3 + 5 * 3 + (14 * 5 + 2) * 3, 4, 'tinyimagenet'),
     # Table 2: 2 students from scratch + 6 methods x 2 pairs, 1 trial (teachers are torchvision's weights)
     ('run_imagenet.sh', [], 2 + 6 * 2, 2, 'imagenet'),
@@ -69,6 +73,7 @@ def test_every_dry_run_line_parses_with_the_cli_parsers(script, flags, expected,
         cli.resolve_run_dir(opt)
     assert counts == {'run_cifar_vanilla.sh': {'train_teacher.py': 15, 'train_student.py': 0},
                       'run_cifar_distill.sh': {'train_teacher.py': 0, 'train_student.py': 1050},
+                      'run_cifar_extended.sh': {'train_teacher.py': 0, 'train_student.py': 2010},
                       'run_tinyimagenet.sh': {'train_teacher.py': 18, 'train_student.py': 216},
                       'run_imagenet.sh': {'train_teacher.py': 2, 'train_student.py': 12}}[script] \
         | {'helper/letkd_offline.py': offline}
@@ -216,6 +221,195 @@ def test_distill_sweep_covers_every_method_and_pair_with_published_settings():
 def test_fetch_teachers_dry_run_names_the_release():
     out = run_script('fetch_pretrained_teachers.sh', '--dry-run')
     assert 'cifar_teachers.tar' in out and 'curl' in out
+
+
+def test_fetch_teachers_expects_every_teacher_of_the_13_pairs():
+    """The fetch script checks that the archive gave every teacher the sweeps load (vgg13 and ResNet50 included: the
+    extended sweep's vgg13 -> vgg8 / MobileNetV2 and ResNet50 -> vgg8 / MobileNetV2) and says so in its dry run."""
+    from scripts.settings import CIFAR_TEACHERS, EXTENDED_PAIRS
+    text = (ROOT / 'scripts' / 'fetch_pretrained_teachers.sh').read_text()
+    listed = next(line for line in text.splitlines() if line.startswith('TEACHERS=')).split('=', 1)[1].strip('"').split()
+    assert listed == CIFAR_TEACHERS
+    assert {t for t, _ in EXTENDED_PAIRS} <= set(listed)
+    out = run_script('fetch_pretrained_teachers.sh', '--dry-run')
+    for teacher in listed:
+        assert f'models/{teacher}_vanilla/ckpt_epoch_240.pth' in out, teacher
+
+
+# ------------------------------------------------------------------ the extended sweep (issue 20)
+NEW_PAIRS = [('vgg13', 'vgg8'), ('vgg13', 'MobileNetV2'), ('ResNet50', 'vgg8')]
+
+
+def resolved(line):
+    return train_student.resolve_options(train_student.get_args_parser().parse_args(shlex.split(line)[2:]))
+
+
+@pytest.fixture(scope='module')
+def extended_runs():
+    """(label, teacher, student) -> resolved options of the extended sweep's trial-1 runs (published protocol)."""
+    from scripts.settings import method_label
+    runs = {}
+    for line in dry_run_lines('run_cifar_extended.sh', '--trials', '1'):
+        if not line.startswith('python train_student.py'):
+            continue
+        opt = resolved(line)
+        label = method_label(opt.distill, opt.alpha, bool(getattr(opt, 'logit_stand', False)), opt.trainer)
+        key = (label, opt.model_t, opt.model_s)
+        assert key not in runs, line
+        runs[key] = opt
+    return runs
+
+
+def test_extended_sweep_covers_every_method_on_the_13_pairs(extended_runs):
+    from scripts.settings import EXTENDED_METHODS, EXTENDED_PAIRS
+    assert len(EXTENDED_PAIRS) == 13 and len(EXTENDED_METHODS) == 32
+    unequal = {('wrn_40_2', 'wrn_40_1'), ('wrn_40_2', 'ShuffleV1'), ('resnet32x4', 'ShuffleV1'),
+               ('resnet32x4', 'ShuffleV2'), ('ResNet50', 'MobileNetV2'), ('vgg13', 'MobileNetV2'), ('ResNet50', 'vgg8')}
+    expected = {(label, t, s) for label in EXTENDED_METHODS for t, s in EXTENDED_PAIRS
+                if not (label in ('FSP', 'KDSVD') and (t, s) in unequal)}
+    assert set(extended_runs) == expected
+    assert ('FSP', 'vgg13', 'vgg8') in extended_runs          # vgg13 and vgg8 have the same stage channels
+
+
+def test_extended_sweep_lists_the_cells_it_leaves_out_with_the_reason():
+    out = run_script('run_cifar_extended.sh', '--dry-run', '--trials', '1')
+    left = [line for line in out.splitlines() if line.startswith('# left out: ')]
+    assert len(left) == 14
+    assert all(line.split()[3] in ('FSP', 'KDSVD') and 'needs equal channel counts per stage' in line for line in left)
+    assert '# left out: FSP on ResNet50 -> vgg8: FSP needs equal channel counts per stage' in out
+    # the Table-1 sweep's output stays as it was: no comment lines
+    assert not any(line.startswith('# left out') for line in run_script('run_cifar_distill.sh', '--dry-run',
+                                                                         '--trials', '1').splitlines())
+
+
+# Each new method's published values, copied by hand from the official files (scripts/settings.py names them):
+# ReviewKD CIFAR-100/script/reviewKD.sh --kd-loss-weight; MLKD configs/cifar100/ours/*.yaml (EPOCHS, LR);
+# logit-standardization-KD logs/<KD|DKD|MLKD|CTKD>/<method>,<T>,<S>,<base_temp>,<kd_weight>[,<beta>].txt and
+# configs/cifar100/mlkd/*.yaml; DIST dist_cifar.yaml; CTKD scripts/run_cifar_distill.sh; mdistiller cfg.py (OFD,
+# ReviewKD defaults) and configs/cifar100/dot/*.yaml.
+REVIEWKD_B = {('wrn_40_2', 'wrn_16_2'): 5.0, ('wrn_40_2', 'wrn_40_1'): 5.0, ('wrn_40_2', 'ShuffleV1'): 5.0,
+              ('resnet32x4', 'resnet8x4'): 5.0, ('resnet32x4', 'ShuffleV1'): 5.0, ('resnet32x4', 'ShuffleV2'): 8.0,
+              ('resnet56', 'resnet20'): 0.6, ('resnet110', 'resnet32'): 1.0}
+MLKD_EPOCHS_LR = {('resnet32x4', 'resnet8x4'): (240, 0.025), ('wrn_40_2', 'wrn_40_1'): (240, 0.025),
+                  ('vgg13', 'vgg8'): (240, 0.025), ('vgg13', 'MobileNetV2'): (480, 0.01),
+                  ('ResNet50', 'MobileNetV2'): (480, 0.01), ('wrn_40_2', 'ShuffleV1'): (480, 0.01),
+                  ('resnet32x4', 'ShuffleV1'): (960, 0.01), ('resnet32x4', 'ShuffleV2'): (960, 0.01)}
+MLKD_LS_EPOCHS_LR = {('resnet32x4', 'resnet8x4'): (480, 0.025), ('vgg13', 'vgg8'): (480, 0.01),
+                     ('ResNet50', 'MobileNetV2'): (480, 0.01), ('resnet32x4', 'ShuffleV2'): (960, 0.01)}
+KD_LS = {('ResNet50', 'MobileNetV2'): (3.0, 1.0), ('resnet110', 'resnet20'): (4.0, 12.0), ('vgg13', 'vgg8'): (3.0, 9.0),
+         ('resnet32x4', 'resnet8x4'): (2.0, 9.0), ('resnet32x4', 'ShuffleV1'): (2.0, 9.0)}     # no log: 2, 9
+DKD_LS = {('vgg13', 'vgg8'): (2.0, 15.0, 2.0), ('resnet56', 'resnet20'): (3.0, 18.0, 2.0),
+          ('resnet32x4', 'resnet8x4'): (2.0, 9.0, 8.0), ('vgg13', 'MobileNetV2'): (3.0, 9.0, 2.0),
+          ('wrn_40_2', 'ShuffleV1'): (2.0, 9.0, 8.0)}                                      # no log: 2, 9, DKD's 8
+MLKD_LS = {('vgg13', 'vgg8'): (2.0, 6.0), ('resnet32x4', 'ShuffleV2'): (2.0, 6.0), ('wrn_40_2', 'wrn_16_2'): (2.0, 9.0)}
+
+
+def test_extended_sweep_resolves_the_new_methods_published_settings(extended_runs):
+    def weights(opt):
+        return (opt.gamma, opt.alpha, opt.beta)
+
+    for (label, t, s), opt in extended_runs.items():
+        pair = (t, s)
+        mlkd_family = label in ('MLKD', 'MLKD+LS')
+        if not mlkd_family:     # every other method: RepDistiller's lr (0.05, 0.01 for MobileNet/ShuffleNet), 240 epochs
+            assert opt.epochs == 240 and opt.learning_rate == (0.01 if s in ('MobileNetV2', 'ShuffleV1', 'ShuffleV2')
+                                                               else 0.05), (label, pair)
+        assert opt.nesterov == (label in ('QUEST', 'letKD-1', 'letKD-2')), (label, pair)
+        if label == 'ReviewKD':
+            assert weights(opt) == (1.0, 0.0, REVIEWKD_B.get(pair, 1.0)) and opt.reviewkd_warmup == 20, pair
+        elif label == 'OFD':
+            assert weights(opt) == (1.0, 0.0, 0.001), pair
+        elif label == 'DIST':
+            assert weights(opt) == (1.0, 0.0, 2.0) and (opt.dist_beta, opt.dist_gamma, opt.dist_T) == (1, 1, 4)
+        elif label in ('CTKD', 'CTKD+LS'):
+            ls = label == 'CTKD+LS'
+            assert weights(opt) == (0.1, 9.0 if ls else 0.9, 0.0), pair
+            assert (opt.ctkd_t_start, opt.ctkd_t_end) == (2.0 if ls else 1.0, 20.0)
+            assert (opt.ctkd_lambda_min, opt.ctkd_lambda_max, opt.ctkd_lambda_epochs) == (0, 1, 10)
+            assert opt.logit_stand == ls and (opt.kd_weight == 9.0 if ls else opt.kd_weight is None)
+        elif mlkd_family:
+            ls = label == 'MLKD+LS'
+            assert weights(opt) == (0.1, 0.0, opt.kd_weight if ls else 0.9) and opt.logit_stand == ls, pair
+            if ls and pair in MLKD_LS:
+                assert (opt.base_temp, opt.kd_weight) == MLKD_LS[pair], pair
+            if not ls:
+                assert (opt.base_temp, opt.kd_weight, opt.mlkd_T) == (None, None, 4.0), pair
+            table = MLKD_LS_EPOCHS_LR if ls else MLKD_EPOCHS_LR
+            if pair in table:
+                assert (opt.epochs, opt.learning_rate) == table[pair], (label, pair)
+            assert opt.lr_decay_epochs == [150, 180, 210] and opt.batch_size == 64
+        elif label == 'KD+LS':
+            if pair in KD_LS:
+                assert (opt.base_temp, opt.kd_weight) == KD_LS[pair], pair
+            assert opt.logit_stand and opt.alpha == opt.kd_weight and (opt.gamma, opt.beta) == (0.1, 0.0)
+        elif label == 'DKD+LS':
+            if pair in DKD_LS:
+                assert (opt.base_temp, opt.kd_weight, opt.dkd_beta) == DKD_LS[pair], pair
+            assert opt.logit_stand and (opt.gamma, opt.alpha, opt.dkd_alpha, opt.dkd_warmup) == (1, 0, 1, 20)
+        elif label == 'KD+DOT':
+            assert weights(opt) == (0.1, 0.9, 0.0) and (opt.trainer, opt.dot_delta, opt.kd_T) == ('dot', 0.075, 4)
+        else:
+            assert opt.trainer == 'sgd' and not getattr(opt, 'logit_stand', False), (label, pair)
+    assert extended_runs[('DKD', 'ResNet50', 'vgg8')].dkd_beta == 8.0      # no mdistiller config: its default BETA
+
+
+def test_reviewkd_per_pair_table_is_the_distillers_default():
+    """settings.py passes ReviewKD's -b explicitly; the Distiller resolves the same values when -b is left out."""
+    from distiller_zoo import reviewkd
+    from scripts.settings import REVIEWKD_BETA, REVIEWKD_DEFAULT_BETA
+    assert REVIEWKD_BETA == reviewkd.REVIEWKD_WEIGHTS == REVIEWKD_B
+    assert REVIEWKD_DEFAULT_BETA == reviewkd.DEFAULT_WEIGHT == 1.0
+
+
+@pytest.mark.parametrize('pair', NEW_PAIRS, ids=lambda p: f'{p[0]}->{p[1]}')
+def test_every_method_of_the_extended_sweep_builds_on_the_new_pairs(pair):
+    """vgg13 -> vgg8, vgg13 -> MobileNetV2, ResNet50 -> vgg8 (the 13 pairs beyond Table 1's 10): every method the sweep
+    runs there builds from its command line's options with the real CIFAR-100 models and evaluates its deployed
+    student; those without an offline stage also take a training step (a backward pass); the methods the sweep
+    leaves out (FSP, KDSVD on unequal channels) refuse the pair."""
+    import copy
+
+    import torch
+
+    from distiller_zoo.registry import DISTILLERS
+    from helper.errors import UserError
+    from helper.options import updated
+    from models import create_model
+    from scripts import commands
+    from scripts.settings import EXTENDED_METHODS, METHODS
+    from tests.options import data_info
+
+    torch.manual_seed(0)
+    nets = {name: create_model(name, 100) for name in pair}
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    extras = dict(index=torch.arange(4), contrast_idx=torch.randint(32, (4, 5)), image_strong=x, epoch=1)
+    needs_offline = ('tdd', 'tdd_crd', 'quest', 'letkd1', 'letkd2')      # their prepare() needs the data
+    built = set()
+    for line in commands.distill_lines(EXTENDED_METHODS, [pair], 'cifar100', 1, './save', []):
+        parsed = train_student.get_args_parser().parse_args(shlex.split(line)[2:])
+        opt = train_student.resolve_options(updated(parsed, k_penult=8, k_inter=2, nce_k=4))   # small, same shapes
+        distiller = DISTILLERS[opt.distill](copy.deepcopy(nets[pair[1]]), copy.deepcopy(nets[pair[0]]), opt,
+                                            data_info(100, n_data=32))
+        distiller.eval()
+        with torch.no_grad():
+            assert distiller.deployable()(x).shape == (4, 100), line
+        if opt.distill not in needs_offline:
+            distiller.train()
+            _, losses = distiller.forward_train(x, y, **extras)
+            sum(losses.values()).backward()
+        built.add(opt.distill)
+    assert {METHODS[label].distill for label in EXTENDED_METHODS} - built <= {'fsp', 'kdsvd'}
+    for label in ('FSP', 'KDSVD'):
+        if commands.exclusion(label, *pair) is None:
+            continue
+        opt = train_student.resolve_options(train_student.get_args_parser().parse_args(
+            ['--distill', METHODS[label].distill, '--model_s', pair[1], '--model_t', pair[0]]))
+        with pytest.raises((UserError, RuntimeError, ValueError)):
+            distiller = DISTILLERS[opt.distill](copy.deepcopy(nets[pair[1]]), copy.deepcopy(nets[pair[0]]), opt,
+                                                data_info(100, n_data=32))
+            distiller.train()
+            _, losses = distiller.forward_train(x, y, **extras)
+            sum(losses.values()).backward()
 
 
 def write_summary(root, name, **fields):

@@ -51,7 +51,7 @@ class Variant:
 def method_variant(key: str, label: str, extra: Iterable[str] = (), tag: str = '') -> Variant:
     """A Variant of a method of scripts/settings.py (its published flags) plus ``extra`` flags."""
     method = METHODS[label]
-    return Variant(key, method.distill, (*method.flags, *extra), tag)
+    return Variant(key, method.distill, (*method.published_flags, *extra), tag)
 
 
 def parser_default(flag: str) -> object:
@@ -222,7 +222,7 @@ def run_grid(args: argparse.Namespace, grid: Grid) -> int:
                 check_reusable(job.argv, job.run_dir)
         todo = [job for job in jobs if job.action != 'skip']
         print(f'== {len(todo)} run(s) to do, {len(jobs) - len(todo)} finished already; logs in {log_dir}', flush=True)
-        failed = launch.run_stage([job.argv for job in todo], slots, log_dir, args.poll)
+        failed = launch.run_stage([job.argv for job in todo], slots, log_dir, args.poll)   # claims each run again
         if failed:
             print(f'{failed} run(s) failed; see {log_dir}', file=sys.stderr)
             return failed

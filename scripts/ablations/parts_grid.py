@@ -54,7 +54,7 @@ def variant(number: int, k_inter: int) -> Variant:
         if present and not on:
             extra += [f'--alpha_{layer}', '0']
             tag.append(f'{layer}0')
-    return Variant(str(number), DISTILL[(row.inter, row.penult)], (*METHODS['letKD-2'].flags, *extra), '_'.join(tag))
+    return Variant(str(number), DISTILL[(row.inter, row.penult)], (*METHODS['letKD-2'].published_flags, *extra), '_'.join(tag))
 
 
 def alpha_text(present: bool, on: bool, value: float) -> str:
