@@ -122,6 +122,24 @@ def test_the_copy_holds_the_working_tree_or_a_commit(audit, repo, tmp_path):
     assert not (tmp_path / 'head' / 'pkg' / 'new.py').exists()
 
 
+def test_baseline_names_the_selections_that_fail_without_a_mutant(audit, repo):
+    """One pytest run over the union of the selections; a selection is reported when one of its tests fails
+    (a file argument covers its tests, a node id its parametrisations)."""
+    (repo / 'tests' / 'test_broken.py').write_text('import pytest\n\n\n@pytest.mark.parametrize("x", [1, 2])\n'
+                                                   'def test_broken(x):\n    assert x == 1\n')
+    M = audit.Mutant
+    listed = [M('a', 'pkg/calc.py', 'return a + b', 'return a - b', ('tests/test_calc.py::test_add',), 'ok'),
+              M('b', 'pkg/calc.py', 'return a + b', 'return a - b', ('tests/test_calc.py',), 'ok'),
+              M('c', 'pkg/calc.py', 'return a + b', 'return a - b',
+                ('tests/test_calc.py::test_add', 'tests/test_broken.py::test_broken'), 'fails'),
+              M('d', 'pkg/calc.py', 'return a + b', 'return a - b', ('tests/test_broken.py',), 'fails'),
+              M('e', 'pkg/calc.py', 'return a + b', 'return a - b', ('tests/test_calc.py',), 'ok', k='double')]
+    failing = audit.run_baseline(listed, repo, 60, log=lambda *a, **k: None)
+    assert [line.split(':')[0] for line in failing] == ['tests/test_calc.py', 'tests/test_broken.py']
+    assert all('tests/test_broken.py::test_broken[2]' in line for line in failing)
+    assert not (repo / '.pytest_cache').exists()
+
+
 def test_the_project_mutant_list_is_well_formed(audit):
     """Unique names, a why and tests for each; every file is one of this project's (whether each snippet still
     applies is the audit's 'stale' report, not a CI failure: other work moves code)."""

@@ -17,7 +17,7 @@ working tree is never written to. Statuses:
             than once (make it unique); the mutant is not run;
 - error:    pytest could not run the selection (a collection error, an unknown test id, nothing selected).
 
-The score is (killed + timeout) / (mutants that ran). ``--baseline`` first runs every distinct test selection
+The score is (killed + timeout) / (mutants that ran). ``--baseline`` first runs every test the mutants name, once,
 on the unmutated copy: a selection that already fails would make its mutants look caught.
 Exit status: 0 when nothing survived and nothing is stale or in error, else 1.
 """
@@ -130,8 +130,8 @@ def pytest_command(mutant: Mutant) -> list[str]:
 
 
 def run_pytest(cmd: list[str], copy: Path, timeout_s: float) -> tuple[int | None, str, float]:
-    """(exit code or None on timeout, output tail, seconds). The run is its own process group, ended as a whole
-    on timeout."""
+    """(exit code or None on timeout, output, seconds). The run is its own process group, ended as a whole on
+    timeout or when the audit itself is interrupted."""
     tic = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=copy, env=pytest_env(copy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -142,7 +142,11 @@ def run_pytest(cmd: list[str], copy: Path, timeout_s: float) -> tuple[int | None
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         code = None
-    return code, output[-4000:], time.monotonic() - tic
+    except BaseException:                     # Ctrl-C: leave no pytest running in a copy about to be removed
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return code, output, time.monotonic() - tic
 
 
 FAILED_LINE = re.compile(r'^(?:FAILED|ERROR) (\S+)', re.M)
@@ -175,6 +179,7 @@ def run_mutant(mutant: Mutant, copy: Path, default_timeout_s: float) -> Result:
         code, output, seconds = run_pytest(pytest_command(mutant), copy, mutant.timeout_s or default_timeout_s)
     finally:
         path.write_text(source)
+    output = output[-4000:]
     status, failing, detail = classify(code, output)
     if status == 'error':
         detail = f'{detail}\n{output[-1500:]}'
@@ -240,13 +245,38 @@ def run_all(mutants: Sequence[Mutant], *, jobs: int, timeout_s: float, rev: str 
     return [results[m.name] for m in mutants]
 
 
+def covers(arg: str, test_id: str) -> bool:
+    """Whether the pytest argument ``arg`` (a file or a node id) selects ``test_id`` (or, for a collection error
+    reported on a file, lies in it)."""
+    return (test_id == arg or test_id.startswith((arg + '::', arg + '['))
+            or arg.startswith(test_id + '::'))
+
+
 def run_baseline(mutants: Sequence[Mutant], copy: Path, timeout_s: float, log=print) -> list[str]:
-    """Run each distinct test selection once without a mutant; the selections that do not pass."""
-    failing = []
+    """Run every test the mutants name once, without a mutant (one pytest run over the union of the selections;
+    a selection with ``-k`` runs on its own); the selections that do not pass."""
     selections = {(m.tests, m.k): m for m in mutants}
+    plain = [tests for tests, k in selections if k is None]
+    files = {arg for tests in plain for arg in tests if '::' not in arg}
+    union = sorted({arg for tests in plain for arg in tests if arg in files or arg.split('::')[0] not in files})
+    failing = []
+    if union:
+        cmd = [sys.executable, '-m', 'pytest', '-q', '-rfE', '-p', 'no:cacheprovider', *union]
+        code, output, seconds = run_pytest(cmd, copy, timeout_s * len(selections))
+        failed = FAILED_LINE.findall(output)
+        log(f'[baseline] {len(union)} test arguments of {len(plain)} selections: '
+            f'{"ok" if code == 0 else "FAILS" if code is not None else "TIMEOUT"} ({seconds:.1f}s)', flush=True)
+        if code != 0:
+            for tests in plain:
+                bad = [f for f in failed if any(covers(arg, f) for arg in tests)]
+                if bad or not failed:
+                    tail = output.strip().splitlines()[-1] if output.strip() else code
+                    failing.append(f"{' '.join(tests)}: {', '.join(bad) if bad else tail}")
     for (tests, k), mutant in selections.items():
+        if k is None:
+            continue
         code, output, seconds = run_pytest(pytest_command(mutant), copy, mutant.timeout_s or timeout_s)
-        label = ' '.join(tests) + (f' -k {k!r}' if k else '')
+        label = f"{' '.join(tests)} -k {k!r}"
         log(f'[baseline] {"ok" if code == 0 else "FAILS"} ({seconds:.1f}s) {label}', flush=True)
         if code != 0:
             failing.append(f'{label}: {output.strip().splitlines()[-1] if output.strip() else code}')
