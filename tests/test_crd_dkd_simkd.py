@@ -117,6 +117,40 @@ def test_contrast_memory_scores_normalisers_and_momentum_update(capsys):
     assert printed.count('normalization constant Z_v2 is set to') == 1
 
 
+def test_contrast_memory_update_at_momentum_0_3_by_hand():
+    """At momentum 0.3 (not 0.5, where m and 1 - m coincide) a row becomes 0.3 old + 0.7 new, renormalised:
+    numbers worked out on paper. Row 1 of the student bank: old (1, 0), embedding (0, 1) -> (0.3, 0.7) / |.|;
+    row 3: old (0.6, 0.8), embedding (0.8, -0.6) -> (0.74, -0.18) / |.|. Teacher bank, the same rows: old (0, 1)
+    and (-1, 0), embeddings (1, 0) and (0, -1) -> (0.7, 0.3) / |.| and (-0.3, -0.7) / |.|."""
+    memory = ContrastMemory(2, 4, K=1, T=1.0, momentum=0.3)
+    memory.memory_v1.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0], [0.6, 0.8]]))
+    memory.memory_v2.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, -0.8], [-1.0, 0.0]]))
+    untouched_v1, untouched_v2 = memory.memory_v1[[0, 2]].clone(), memory.memory_v2[[0, 2]].clone()
+    v1 = torch.tensor([[0.0, 1.0], [0.8, -0.6]])
+    v2 = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    memory(v1, v2, torch.tensor([1, 3]), torch.tensor([[1, 0], [3, 2]]))
+
+    def unit(a, b):
+        norm = math.sqrt(a * a + b * b)
+        return [a / norm, b / norm]
+
+    assert memory.memory_v1[1].tolist() == pytest.approx(unit(0.3, 0.7), abs=1e-6)          # (0.394, 0.919)
+    assert memory.memory_v1[3].tolist() == pytest.approx(unit(0.74, -0.18), abs=1e-6)       # (0.972, -0.236)
+    assert memory.memory_v2[1].tolist() == pytest.approx(unit(0.7, 0.3), abs=1e-6)          # (0.919, 0.394)
+    assert memory.memory_v2[3].tolist() == pytest.approx(unit(-0.3, -0.7), abs=1e-6)
+    assert torch.equal(memory.memory_v1[[0, 2]], untouched_v1)
+    assert torch.equal(memory.memory_v2[[0, 2]], untouched_v2)
+
+
+def test_nce_m_reaches_the_memory_of_the_crd_distiller():
+    """--nce_m 0.3 on the command line is the momentum the bank uses (RepDistiller's default is 0.5)."""
+    opt = make_opt('crd', nce_m=0.3)
+    distiller = build_distiller('crd', create_model('resnet8', num_classes=100), create_model('resnet14', num_classes=100),
+                                opt, make_info())
+    assert distiller.criterion_crd.contrast.params[4].item() == pytest.approx(0.3)
+    assert train_student.get_args_parser().parse_args(['--distill', 'crd']).nce_m == 0.5
+
+
 def test_contrast_memory_fallback_sampler_is_seeded_and_keeps_the_positive():
     a = ContrastMemory(4, 50, K=7, seed=3)
     b = ContrastMemory(4, 50, K=7, seed=3)

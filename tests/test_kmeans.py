@@ -15,8 +15,8 @@ from threadpoolctl import threadpool_info
 
 from helper import letkd_offline
 from helper.errors import UserError
-from helper.letkd_offline import (KMEANS_ITERS, build_codebook, kmeans, kmeans_torch, offline_threads,
-                                  resolve_kmeans_backend)
+from helper.letkd_offline import (KMEANS_ITERS, build_codebook, build_subclasses, kmeans, kmeans_torch,
+                                  offline_threads, resolve_kmeans_backend)
 
 faiss = pytest.importorskip('faiss')
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +94,18 @@ def test_two_separated_clusters_are_found_from_any_seed(backend):
 def test_the_seed_reaches_the_kmeans(backend):
     x = activations(4000, 16)
     a, b, c = (build_codebook(x, 32, seed, backend=backend)['centroids'] for seed in (0, 0, 1))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize('backend', ['torch', 'faiss'])
+def test_the_seed_reaches_the_per_class_kmeans_of_the_subclasses(backend):
+    """The intermediate quantizer's per-class k-means (build_subclasses) get the seed too: the same seed rebuilds
+    the same sub-class centroids, another seed other ones (clouds without clear clusters, 6 per class)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 300)
+    x = (np.maximum(rng.standard_normal((900, 8)) * np.linspace(3, 0.5, 8), 0) + labels[:, None] * 0.5).astype(np.float32)
+    a, b, c = (build_subclasses(x, labels, 3, 6, 2, seed, CPU, backend=backend)[0]['centroids'] for seed in (0, 0, 1))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
 

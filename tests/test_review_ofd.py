@@ -192,6 +192,33 @@ def test_review_runs_from_deep_to_shallow():
     assert all(not torch.allclose(a, b) for a, b in zip(deep, base))
 
 
+def test_reviewkd_compares_with_the_teachers_pre_relu_stage_maps(monkeypatch):
+    """The official ReviewKD (and mdistiller) distils the teacher's pre-activation stage maps ("preact_feats") plus
+    its pooled vector: the teacher levels that reach the HCL loss hold negative values (a post-ReLU map cannot) and
+    equal the teacher's preact features; the student levels are its plain (post-ReLU) stage maps."""
+    import distiller_zoo.reviewkd as reviewkd
+    seen = {}
+    real = reviewkd.hcl_loss
+
+    def spy(fstudent, fteacher):
+        seen['teacher'] = [f.detach().clone() for f in fteacher]
+        return real(fstudent, fteacher)
+
+    monkeypatch.setattr(reviewkd, 'hcl_loss', spy)
+    d = build('reviewkd', 'resnet14', 'resnet8')
+    torch.manual_seed(3)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    d.train().forward_train(x, y)
+    with torch.no_grad():
+        pre, _ = d.teacher(x, is_feat=True, preact=True)
+    levels = seen['teacher']
+    assert len(levels) == 4
+    for level, expected in zip(levels[:3], pre[1:-1]):
+        assert (level < 0).any()
+        torch.testing.assert_close(level, expected)
+    torch.testing.assert_close(levels[3], pre[-1][:, :, None, None])
+
+
 def test_reviewkd_warm_up_and_weights_per_pair():
     """mdistiller: REVIEWKD_WEIGHT x min(epoch / WARMUP_EPOCHS, 1) with 1-indexed epochs, warm-up 20; the official
     CIFAR-100/script/reviewKD.sh --kd-loss-weight per pair; mdistiller's default weight 1 elsewhere."""
