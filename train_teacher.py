@@ -3,7 +3,7 @@
     python train_teacher.py --model resnet56                      # CIFAR-100, 240 epochs
     python train_teacher.py --model resnet8 --dataset digits --epochs 5 --device cpu
 
-Writes save/models/<model>_<dataset>_lr_<lr>_decay_<wd>_trial_<trial>/ (see README: outputs).
+Writes save/models/<model>_<dataset>_lr_<lr>_decay_<wd>_trial_<trial>/ (see docs/outputs-and-resume.md).
 """
 from __future__ import annotations
 

@@ -59,10 +59,10 @@ class DKDLoss(nn.Module):
 
 
 def add_dkd_arguments(parser: ArgumentParser) -> None:
-    """DKD's flags (mdistiller's defaults; the per-pair beta is in README, Methods, and scripts/settings.py)."""
+    """DKD's flags (mdistiller's defaults; the per-pair beta is in docs/methods.md and scripts/settings.py)."""
     g = parser.add_argument_group('DKD')
     g.add_argument('--dkd_alpha', type=float, default=1.0, help='DKD weight of TCKD')
-    g.add_argument('--dkd_beta', type=float, default=8.0, help='DKD weight of NCKD (per pair: README, Methods)')
+    g.add_argument('--dkd_beta', type=float, default=8.0, help='DKD weight of NCKD (per pair: docs/methods.md)')
     g.add_argument('--dkd_T', type=float, default=4.0, help='DKD temperature')
     g.add_argument('--dkd_warmup', type=int, default=20, help='epochs of linear DKD warm-up (0: none)')
 

@@ -12,9 +12,9 @@ teacher's per-position targets come from offline quantizers (helper/letkd_offlin
 maths and file format): a k-means codebook at the penultimate place, an LDA projection + per-class
 sub-classes + a sub-class score matrix at the intermediate one. Loss per KD layer: KL(p_T || softmax(scores))
 averaged over the B*H*W positions. QUEST (distiller_zoo/quest.py) reuses the codebook, the predictor and
-the loss from here. README.md, "letKD: what is computed", states every formula and choice.
+the loss from here. docs/letkd.md states every formula and choice.
 
-Two variants exist for the supplementary's ablations (README, "Ablations"): ``letkd_inter`` (the
+Two variants exist for the supplementary's ablations (docs/reproducing.md, "Ablations"): ``letkd_inter`` (the
 intermediate KD layer alone, Table 5) and ``fitnet_kdlayer`` (FitNet's hint loss plus a penultimate KD
 layer whose KL weight ``--kd_layer_weight`` may be 0, Table 6).
 """

@@ -112,7 +112,7 @@ def review_levels(feats: Sequence[Tensor]) -> list[Tensor]:
 
 
 def add_reviewkd_arguments(parser: ArgumentParser) -> None:
-    """ReviewKD's flag (its weight is -b: per pair in README, Methods)."""
+    """ReviewKD's flag (its weight is -b: per pair in docs/methods.md, "ReviewKD and OFD")."""
     g = parser.add_argument_group('ReviewKD')
     g.add_argument('--reviewkd_warmup', type=int, default=20,
                    help='epochs of linear warm-up of the ReviewKD loss, min(epoch / N, 1) (0: none)')

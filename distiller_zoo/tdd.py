@@ -1,7 +1,7 @@
 """TDD: Song et al., "Tree-like Decision Distillation" (CVPR 2021); ``tdd_crd`` is TDD+CRD.
 
 The lab's reference implementation is KamalEngine (zju-vipa/KamalEngine, ``kamal/distillation/TDD``);
-this file is written by us from the method's description and that code's facts (README, "TDD and
+this file is written by us from the method's description and that code's facts (docs/methods.md, "TDD and
 TDD+CRD" lists which choices are the reference's and which are ours).
 
 Offline (``prepare``, once per teacher, cached under ``<cache_dir>/tdd/``): for every teacher stage the

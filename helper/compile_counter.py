@@ -6,8 +6,8 @@
 
 ``frames`` is the number of frames dynamo compiled in the block. One compiled training step without graph breaks
 compiles one frame the first time and another each time a guard fails, so ``frames - 1`` are its recompiles.
-The fast path's promise (README "Speed"): every method's step has ``graph_breaks == 0`` and ``frames <= 2`` over
-a run.
+The fast path's promise (docs/speed.md, "One graph per step"): every method's step has ``graph_breaks == 0`` and
+``frames <= 2`` over a run.
 """
 from __future__ import annotations
 

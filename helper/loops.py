@@ -146,7 +146,7 @@ def validate(model: nn.Module, loader: Iterable, device: torch.device, *,
 
 
 # ---------------------------------------------------------------------------------------------------
-# The fast path: the same step without host syncs (README "Speed")
+# The fast path: the same step without host syncs (docs/speed.md)
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

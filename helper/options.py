@@ -75,7 +75,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         'no effect in one process or on the CPU')
 
 
-    g = parser.add_argument_group('fast path (changes speed, not the method; README "Speed")')
+    g = parser.add_argument_group('fast path (changes speed, not the method; docs/speed.md)')
     g.add_argument('--fast', action='store_true',
                    help='the sync-free training loop with --device_data --tf32 --channels_last and a compiled step '
                         '(--compile reduce-overhead on one GPU, default elsewhere; bf16 only with --amp bf16); each '

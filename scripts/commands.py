@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--data_folder', default='./data')
     parser.add_argument('--extra', default='', help='flags appended to every command, e.g. "--epochs 1"')
     parser.add_argument('--fast', action='store_true',
-                        help='append --fast (the fast path, README "Speed") to every command; the same as --extra --fast')
+                        help='append --fast (the fast path, docs/speed.md) to every command; the same as --extra --fast')
     args = parser.parse_args(argv)
     if args.fast:
         args.extra = f'{args.extra} --fast'.strip()
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         trials = args.trials or TRIALS_TINYIMAGENET
         pairs = parse_pairs(args.pairs, TABLE3_PAIRS)
-        # Table 3 protocol (letKD authors): select on val (25/class), report on test (25/class); README, Data
+        # Table 3 protocol (letKD authors): select on val (25/class), report on test (25/class); docs/models-and-data.md
         common = ['--data_folder', args.data_folder, '--tiny_split', 'letkd', *shlex.split(args.extra)]
         teachers = sorted({t for t, _ in pairs})
         students = sorted({s for _, s in pairs})

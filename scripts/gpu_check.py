@@ -1,4 +1,4 @@
-"""The evidence a GPU run must give, in one time-boxed call (scripts/gpu_check.sh; README "Speed").
+"""The evidence a GPU run must give, in one time-boxed call (scripts/gpu_check.sh; docs/speed.md, "The GPU check").
 
     bash scripts/gpu_check.sh [--budget_s 480] [--out DIR]          # on a CUDA machine
     bash scripts/gpu_check.sh --device cpu --tiny                    # the same checks at toy sizes (the tests)

@@ -5,7 +5,7 @@
 #   bash scripts/run_imagenet.sh --dry-run                                   # print every command
 #   bash scripts/run_imagenet.sh --gpus_per_job 8                            # one machine: each run on 8 GPUs
 #   bash scripts/run_imagenet.sh --backend slurm --partition gpu --gpus_per_job 8 --timeout_min 2880 --mem_gb 256
-#   bash scripts/run_imagenet.sh --protocol letkd --dry-run       # every run with the letKD/QUEST recipe (README)
+#   bash scripts/run_imagenet.sh --protocol letkd --dry-run       # every run with the letKD/QUEST recipe (docs/distributed.md)
 # Other flags go to scripts/commands.py (--protocol, --methods, --save_dir, --data_folder, --extra).
 source "$(dirname "$0")/_sweep.sh"
 sweep imagenet "$@"

@@ -71,7 +71,7 @@ METHODS: dict[str, Method] = {
                       'drop_last)', recipe=AUTHORS_LETKD_RECIPE),
     'letKD-2': Method('letkd2', ('-r', '1', '-a', '0', '-b', '1'), 'letKD configs (recipe: Nesterov, reflect padding, '
                       'drop_last)', recipe=AUTHORS_LETKD_RECIPE),
-    # ---- issue 20: the methods after the letKD paper (README "Methods"); each value read in the official configs
+    # ---- issue 20: the methods after the letKD paper (docs/methods.md); each value read in the official configs
     'ReviewKD': Method('reviewkd', ('-r', '1', '-a', '0', '--reviewkd_warmup', '20'),
                        'dvlab-research/ReviewKD CIFAR-100/script/reviewKD.sh @6607308 (--kd-loss-weight per pair, below; '
                        'warm-up 20 = train.py --kd-warm-up) and mdistiller configs/cifar100/reviewkd.yaml @e8c5bb3 '
@@ -116,7 +116,8 @@ METHODS: dict[str, Method] = {
                                '--ctkd_lambda_min', '0', '--ctkd_lambda_max', '1', '--ctkd_lambda_epochs', '10'),
                       'logit-standardization-KD @f6e5aa5: CTKD/scripts/run_cifar_distill.sh (-r 0.1 -a 9 --kd_T 2) and '
                       'logs/CTKD/ctkd,<T>,<S>,2,9.txt (kd_weight 9 on every pair; their temperature never falls below 2: '
-                      't_start 2; t_end is not recorded, we keep 20). Disagreement with README "Logit standardization": '
+                      't_start 2; t_end is not recorded, we keep 20). Disagreement with docs/methods.md '
+                      '"Logit standardization" (corrected there): '
                       'the resnet32x4 -> ShuffleV2 / wrn_16_2 / wrn_40_2 logs hold two 240-epoch runs one after the other '
                       '(epochs 1-240 twice), not 480 epochs: 240 everywhere'),
     'KD+DOT': Method('kd', ('-r', '0.1', '-a', '0.9', '-b', '0', '--trainer', 'dot', '--dot_delta', '0.075'),
@@ -167,7 +168,7 @@ REVIEWKD_BETA = {
     ('resnet56', 'resnet20'): 0.6, ('resnet110', 'resnet32'): 1.0,
 }
 REVIEWKD_DEFAULT_BETA = 1.0
-# Logit standardization, read from the LS repository's log names (README "Logit standardization (--logit_stand)"):
+# Logit standardization, read from the LS repository's log names (docs/methods.md, "Logit standardization (--logit_stand)"):
 # (base_temp, kd_weight); DKD+LS adds its beta. Pairs without a log get tools/train.py's defaults (2, 9) and, for
 # DKD+LS, the pair's mdistiller beta (DKD_BETA).
 LS_DEFAULT = (2.0, 9.0)

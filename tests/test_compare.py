@@ -239,7 +239,7 @@ def test_tinyimagenet_table_has_table_3s_columns_rows_published_numbers_and_tria
 
 
 def test_tinyimagenet_best_epoch_is_the_test_accuracy_at_the_best_val_epoch(tmp_path, capsys):
-    """README, 'Tiny-ImageNet: which split reproduces Table 3': for runs with --tiny_split letkd the best-epoch
+    """docs/models-and-data.md, 'Tiny-ImageNet: which split reproduces Table 3': for runs with --tiny_split letkd the best-epoch
     number is test_acc_at_best_val (selected on val, reported on test); runs without it keep best_acc."""
     save = tmp_path / 'save'
     tiny_runs(save)

@@ -1,7 +1,7 @@
-"""Every method flag and protocol flag defaults to the published value README ("Distilling a student") lists.
+"""Every method flag and protocol flag defaults to the published value docs/training.md ("train_student.py") lists.
 
 A wrong default survives every other test: they pass their settings explicitly (found by the mutation audit,
-scripts/dev/mutation_audit.py: `--hint_layer` and `--quest_tau`). The values are written out here from README,
+scripts/dev/mutation_audit.py: `--hint_layer` and `--quest_tau`). The values are written out here from docs/training.md,
 which cites RepDistiller, mdistiller, SimKD, TDD, QuEST and letKD for them.
 """
 from __future__ import annotations

@@ -108,7 +108,7 @@ def test_imagenet_sweep_uses_each_methods_protocol_and_pair_settings():
 
 
 # Every per-dataset published value the sweeps rely on, as resolved by train_student.py (explicit flags and the
-# methods' defaults together), with its source (docs/reference/*.md; README "ImageNet and several GPUs").
+# methods' defaults together), with its source (docs/reference/*.md; docs/distributed.md).
 IMAGENET_PUBLISHED = {
     # mdistiller configs/imagenet/r34_r18/kd.yaml (and r50_mv1): CE 0.5, KD 0.5, T 1
     'kd': {'gamma': 0.5, 'alpha': 0.5, 'beta': 0.0, 'kd_T': 1.0},
