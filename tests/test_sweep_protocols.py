@@ -257,7 +257,8 @@ def test_a_two_protocol_sweep_on_digits_and_the_recipe_effect(tmp_path, monkeypa
     assert len(lines) == 6
     (tmp_path / 'commands.txt').write_text('\n'.join(lines) + '\n')
     log = tmp_path / 'logs'
-    assert launch.main([str(tmp_path / 'commands.txt'), '--gpus', '', '--poll', '0.2', '--log_dir', str(log)]) == 0
+    assert launch.main([str(tmp_path / 'commands.txt'), '--gpus', '', '--jobs', '2', '--poll', '0.2', '--log_dir',
+                        str(log)]) == 0
 
     for protocol in ('repdistiller', 'letkd'):
         runs = sorted(p for p in (save / 'student_model' / f'protocol_{protocol}').iterdir() if p.is_dir())
@@ -272,7 +273,8 @@ def test_a_two_protocol_sweep_on_digits_and_the_recipe_effect(tmp_path, monkeypa
     assert sorted(p.name for p in (save / 'student_model').iterdir()) == ['protocol_letkd', 'protocol_repdistiller']
 
     capsys.readouterr()
-    assert launch.main([str(tmp_path / 'commands.txt'), '--gpus', '', '--poll', '0.2', '--log_dir', str(log)]) == 0
+    assert launch.main([str(tmp_path / 'commands.txt'), '--gpus', '', '--jobs', '2', '--poll', '0.2', '--log_dir',
+                        str(log)]) == 0
     assert '0 to run, 6 finished already' in capsys.readouterr().out
 
     out_dir = tmp_path / 'out'
