@@ -164,7 +164,7 @@ def main(parsed: argparse.Namespace) -> dict:
             print(f'warning: teacher {opt.model_t} scores {teacher_acc:.2f}, the published checkpoint {published:.2f}; '
                   'check that this is the checkpoint you meant', file=sys.stderr)
     cache_dir = str(Path(opt.save_dir) / 'cache')
-    if getattr(method, 'collective_prepare', False):   # init stages (AB/FT/FSP): every rank on its shard at once
+    if method.collective_prepare:   # init stages (AB/FT/FSP): every rank on its shard at once
         distiller.prepare(data, device=device, cache_dir=cache_dir, resumed=opt.resume)
     else:
         with distributed.main_first(cache_dir):   # rank 0 builds the caches, the others then load them

@@ -68,6 +68,9 @@ class Distiller(nn.Module):
     has_logit_stand = False  # --logit_stand applies (distiller_zoo/logit_stand.py LogitStand sets it)
     # DDP under torchrun: True only for a method some of whose trainable parameters get no gradient in some steps
     find_unused_parameters = False
+    # under torchrun: True when ``prepare`` is collective (AB/FT/FSP's init stage trains on every rank's shard at
+    # once); False: rank 0 prepares first (building caches) and the others then load what it wrote
+    collective_prepare = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, opt: Namespace, info: DataInfo) -> None:
         super().__init__()
